@@ -1,0 +1,62 @@
+/**
+ * The lab's 4-bit weight layout: byte-for-byte onnxruntime's MatMulNBits (bits=4,
+ * block_size=32), so onnx-community 4-bit checkpoints import as plain copies.
+ *
+ * A linear weight W is [M, K] (nn.Linear: M out features, K in features), y = x W^T.
+ * Quantization runs along K in blocks of 32; nb = ceil(K / 32) blocks per row (the
+ * tail of the last block is padding, quantized as zeros and never read).
+ *
+ *   qweight  bytes [M, nb, 16]  byte j of a block: element 2j in the low nibble,
+ *                               element 2j+1 in the high nibble. Read as u32 words:
+ *                               word (m*nb + b)*4 + w, nibble i (bits 4i..4i+3) is
+ *                               element k = b*32 + w*8 + i.
+ *   scales   f16   [M, nb]      packed two per u32 (unpack2x16float: low half first)
+ *   zeros    u8    [M, ceil(nb/2)] optional 4-bit zero points, low nibble = even
+ *                               block. Absent: every zero point is 8.
+ *   value(m, k) = (q - zero) * scale
+ *
+ * Large matrices (the tied 128256 x 3072 embedding / LM head) are split into row
+ * shards so that no single buffer exceeds the device's storage binding limit.
+ */
+import type { Tensor } from '../gpu/tensor';
+
+export const Q4_BLOCK = 32;
+export const Q4_BLOCK_BYTES = 16;
+
+export interface Q4Shard {
+  /** first row of W held by this shard */
+  rowStart: number;
+  rows: number;
+  /** u32 [rows * nb * 4] */
+  qweight: Tensor;
+  /** u32 [ceil(rows * nb / 2)] holding f16 pairs */
+  scales: Tensor;
+  /** u32 [ceil(rows * ceil(nb/2) / 4)] holding u8 zero-point pairs, or null (zero point 8) */
+  zeros: Tensor | null;
+}
+
+export interface Q4Weight {
+  M: number;
+  K: number;
+  /** blocks per row: ceil(K / 32) */
+  nb: number;
+  shards: Q4Shard[];
+}
+
+export function q4Blocks(K: number): number {
+  return Math.ceil(K / Q4_BLOCK);
+}
+
+/** Bytes the weight occupies on the GPU (qweight + scales + zero points). */
+export function q4Bytes(M: number, K: number, withZeros: boolean): number {
+  const nb = q4Blocks(K);
+  return M * nb * Q4_BLOCK_BYTES + M * nb * 2 + (withZeros ? M * Math.ceil(nb / 2) : 0);
+}
+
+export function releaseQ4(w: Q4Weight): void {
+  for (const s of w.shards) {
+    s.qweight.release();
+    s.scales.release();
+    s.zeros?.release();
+  }
+}

@@ -1,0 +1,113 @@
+/**
+ * RMSNorm over the last dimension, computed in f32 as Llama does:
+ *   out[n, c] = w[c] * x[n, c] * rstd[n],  rstd[n] = 1 / sqrt(mean_c x[n, c]^2 + eps)
+ * Forward saves rstd [N] for the backward.
+ */
+import type { Gpu } from '../gpu/gpu';
+import { Params } from '../gpu/params';
+import type { Tensor } from '../gpu/tensor';
+import { WG_LINEAR, grid, kernelCache } from './wgsl';
+
+const WG = 256;
+
+const reduceSnippet = `
+var<workgroup> red: array<f32, ${WG}>;
+fn workgroupSum(v: f32, lid: u32) -> f32 {
+  red[lid] = v;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] += red[lid + s]; }
+    workgroupBarrier();
+  }
+  let r = red[0];
+  workgroupBarrier();
+  return r;
+}`;
+
+const forwardKernel = kernelCache(() => ({
+  label: 'rmsnorm_forward',
+  code: /* wgsl */ `
+struct Params { N: u32, C: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;   // [N, C]
+@group(0) @binding(2) var<storage, read_write> rstd: array<f32>;  // [N]
+@group(0) @binding(3) var<storage, read> x: array<f32>;           // [N, C]
+@group(0) @binding(4) var<storage, read> w: array<f32>;           // [C]
+${reduceSnippet}
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let n = ${WG_LINEAR};
+  if (n >= p.N) { return; }
+  let base = n * p.C;
+  var ss = 0.0;
+  for (var c = lid; c < p.C; c += ${WG}u) { let v = x[base + c]; ss += v * v; }
+  let r = inverseSqrt(workgroupSum(ss, lid) / f32(p.C) + p.eps);
+  for (var c = lid; c < p.C; c += ${WG}u) { out[base + c] = w[c] * (x[base + c] * r); }
+  if (lid == 0u) { rstd[n] = r; }
+}`,
+}));
+
+const backwardKernel = kernelCache(() => ({
+  label: 'rmsnorm_backward_dx',
+  code: /* wgsl */ `
+struct Params { N: u32, C: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> dx: array<f32>;    // [N, C]
+@group(0) @binding(2) var<storage, read> dout: array<f32>;        // [N, C]
+@group(0) @binding(3) var<storage, read> x: array<f32>;           // [N, C]
+@group(0) @binding(4) var<storage, read> rstd: array<f32>;        // [N]
+@group(0) @binding(5) var<storage, read> w: array<f32>;           // [C]
+${reduceSnippet}
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let n = ${WG_LINEAR};
+  if (n >= p.N) { return; }
+  let base = n * p.C;
+  let r = rstd[n];
+  var dot = 0.0;
+  for (var c = lid; c < p.C; c += ${WG}u) { dot += w[c] * dout[base + c] * x[base + c]; }
+  let k = workgroupSum(dot, lid) * r * r / f32(p.C);
+  for (var c = lid; c < p.C; c += ${WG}u) {
+    dx[base + c] = r * (w[c] * dout[base + c] - x[base + c] * k);
+  }
+}`,
+}));
+
+const weightGradKernel = kernelCache(() => ({
+  label: 'rmsnorm_backward_dw',
+  code: /* wgsl */ `
+struct Params { N: u32, C: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> dw: array<f32>;    // [C]  (+=)
+@group(0) @binding(2) var<storage, read> dout: array<f32>;        // [N, C]
+@group(0) @binding(3) var<storage, read> x: array<f32>;           // [N, C]
+@group(0) @binding(4) var<storage, read> rstd: array<f32>;        // [N]
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3u) {
+  let c = gid.x;
+  if (c >= p.C) { return; }
+  var acc = 0.0;
+  for (var n = 0u; n < p.N; n++) { acc += dout[n * p.C + c] * x[n * p.C + c] * rstd[n]; }
+  dw[c] += acc;
+}`,
+}));
+
+export function rmsnormForward(gpu: Gpu, out: Tensor, rstd: Tensor, x: Tensor, w: Tensor, N: number, C: number, eps: number): void {
+  gpu.dispatch(forwardKernel(), [out, rstd, x, w], grid(N), new Params().u32(N).u32(C).f32(eps));
+}
+
+/** dx = (written); dw += when given (norm weights are frozen during LoRA training). */
+export function rmsnormBackward(
+  gpu: Gpu,
+  dx: Tensor,
+  dw: Tensor | null,
+  dout: Tensor,
+  x: Tensor,
+  rstd: Tensor,
+  w: Tensor,
+  N: number,
+  C: number,
+): void {
+  gpu.dispatch(backwardKernel(), [dx, dout, x, rstd, w], grid(N), new Params().u32(N).u32(C));
+  if (dw) gpu.dispatch(weightGradKernel(), [dw, dout, x, rstd], [Math.ceil(C / 64)], new Params().u32(N).u32(C));
+}
