@@ -189,7 +189,7 @@ export class Gpu {
     // writeBuffer runs on the queue timeline, before any still-unsubmitted commands:
     // submit those first so a reused buffer is not overwritten under them.
     if (this.encoder) this.flush();
-    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    const bytes = new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength);
     if (byteOffset + bytes.byteLength > t.buffer.size) {
       throw new GpuError(`write of ${bytes.byteLength} bytes at ${byteOffset} overflows ${t}`);
     }
