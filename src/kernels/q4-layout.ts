@@ -18,6 +18,7 @@
  * Large matrices (the tied 128256 x 3072 embedding / LM head) are split into row
  * shards so that no single buffer exceeds the device's storage binding limit.
  */
+import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
 
 export const Q4_BLOCK = 32;
@@ -59,4 +60,57 @@ export function releaseQ4(w: Q4Weight): void {
     s.scales.release();
     s.zeros?.release();
   }
+}
+
+/**
+ * Rows per shard so that the largest of a shard's buffers stays within `maxBindingBytes`.
+ * Shards start on even rows so each shard's zero-point bytes begin on a u32 boundary
+ * when rows * ceil(nb/2) is a multiple of 4 (rows rounded to a multiple of 8).
+ */
+export function q4ShardRows(M: number, K: number, maxBindingBytes: number): number {
+  const perRow = q4Blocks(K) * Q4_BLOCK_BYTES;
+  const rows = Math.floor(maxBindingBytes / perRow);
+  if (rows >= M) return M;
+  const aligned = rows - (rows % 8);
+  if (aligned < 8) throw new Error(`q4: one row of ${K} features does not fit a ${maxBindingBytes}-byte binding`);
+  return aligned;
+}
+
+/**
+ * Uploads packed 4-bit data (already in the layout above: our quantizer's output or an
+ * ONNX MatMulNBits initializer) as a sharded Q4Weight, copying bytes as they are.
+ */
+export function uploadQ4(
+  gpu: Gpu,
+  packed: { qweight: Uint8Array; scales: Uint16Array; zeros: Uint8Array | null },
+  M: number,
+  K: number,
+  maxShardBytes = gpu.caps.maxStorageBufferBindingSize,
+): Q4Weight {
+  const nb = q4Blocks(K);
+  const zb = Math.ceil(nb / 2);
+  if (packed.qweight.byteLength !== M * nb * Q4_BLOCK_BYTES) {
+    throw new Error(`q4: qweight has ${packed.qweight.byteLength} bytes, expected ${M * nb * Q4_BLOCK_BYTES} for [${M}, ${K}]`);
+  }
+  if (packed.scales.length !== M * nb) throw new Error(`q4: scales has ${packed.scales.length} entries, expected ${M * nb}`);
+  if (packed.zeros && packed.zeros.byteLength !== M * zb) {
+    throw new Error(`q4: zero points have ${packed.zeros.byteLength} bytes, expected ${M * zb}`);
+  }
+  const rowsPer = q4ShardRows(M, K, maxShardBytes);
+  const shards: Q4Shard[] = [];
+  for (let r0 = 0; r0 < M; r0 += rowsPer) {
+    const rows = Math.min(rowsPer, M - r0);
+    const q = packed.qweight.subarray(r0 * nb * Q4_BLOCK_BYTES, (r0 + rows) * nb * Q4_BLOCK_BYTES);
+    const s = packed.scales.subarray(r0 * nb, (r0 + rows) * nb);
+    shards.push({
+      rowStart: r0,
+      rows,
+      qweight: gpu.upload(q, [(rows * nb * Q4_BLOCK_BYTES) / 4], 'u32', 'q4.qweight'),
+      scales: gpu.upload(s, [Math.ceil((rows * nb) / 2)], 'u32', 'q4.scales'),
+      zeros: packed.zeros
+        ? gpu.upload(packed.zeros.subarray(r0 * zb, (r0 + rows) * zb), [Math.ceil((rows * zb) / 4)], 'u32', 'q4.zeros')
+        : null,
+    });
+  }
+  return { M, K, nb, shards };
 }
