@@ -3,6 +3,8 @@
  *   C[M, N] (= or +=) alpha * op(A) op(B),  op(A) [M, K],  op(B) [K, N]
  * A is stored [M, K], or [K, M] with transA; B is stored [K, N], or [N, K] with transB
  * (so y = x W^T for an nn.Linear weight W [M, K] is `transB`). All row-major.
+ * M, N, K here are the GEMM's own extents (C's rows, C's columns, the reduction), not
+ * DIMENSIONS.md's letters: y[N_rows, M_out] = x W^T is matmul(y, x, W, N_rows, M_out, K).
  *
  * Each workgroup (16 x 16 threads) computes one BM x BN tile of C, staging BK-deep
  * slices of op(A) and op(B) in workgroup memory; each thread owns a (BM/16) x (BN/16)

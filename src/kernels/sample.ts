@@ -42,7 +42,7 @@ export interface SampleOptions {
 
 /** Threads per row: 256 for real vocabularies, 64 for small ones (fewer idle lanes per barrier). */
 function workgroupSize(V: number): number {
-  return V <= 4096 ? 64 : 256;
+  return V <= 4096 ? 32 : 256;
 }
 
 const FLAG_GREEDY = 1;

@@ -38,7 +38,6 @@ describe('matmul', () => {
       [37, 19, 50],
       [20, 30, 1],
       [65, 130, 70],
-      [8, 96, 40],
       [96, 8, 40],
     ])(`transA=${transA} transB=${transB}: %i x %i x %i matches the f64 reference`, async (M, N, K) => {
       await check(M, N, K, { transA, transB });
