@@ -114,3 +114,30 @@ export function uploadQ4(
   }
   return { M, K, nb, shards };
 }
+
+/**
+ * Reads a Q4Weight back to host bytes in the packed layout (the inverse of uploadQ4):
+ * for tests, and for caching a GPU-quantized model.
+ */
+export async function downloadQ4(
+  gpu: Gpu,
+  w: Q4Weight,
+): Promise<{ M: number; K: number; qweight: Uint8Array; scales: Uint16Array; zeros: Uint8Array | null }> {
+  const { M, K, nb } = w;
+  const zb = Math.ceil(nb / 2);
+  const withZeros = w.shards[0]?.zeros != null;
+  const qweight = new Uint8Array(M * nb * Q4_BLOCK_BYTES);
+  const scales = new Uint16Array(M * nb);
+  const zeros = withZeros ? new Uint8Array(M * zb) : null;
+  for (const s of w.shards) {
+    const q = await gpu.readBytes(s.qweight.buffer, 0, s.rows * nb * Q4_BLOCK_BYTES);
+    qweight.set(new Uint8Array(q), s.rowStart * nb * Q4_BLOCK_BYTES);
+    const sc = await gpu.readBytes(s.scales.buffer, 0, s.rows * nb * 2);
+    scales.set(new Uint16Array(sc), s.rowStart * nb);
+    if (zeros && s.zeros) {
+      const z = await gpu.readBytes(s.zeros.buffer, 0, s.rows * zb);
+      zeros.set(new Uint8Array(z), s.rowStart * zb);
+    }
+  }
+  return { M, K, qweight, scales, zeros };
+}
