@@ -38,7 +38,16 @@ export interface Q4GemvTuning {
   rowsPerThread: number;
 }
 
-export const Q4_GEMV_TUNING: Q4GemvTuning = { lanes: 32, groups: 2, rowsPerThread: 4 };
+export const Q4_GEMV_TUNING: Q4GemvTuning = { lanes: 32, groups: 2, rowsPerThread: 2 };
+
+/**
+ * Default GEMV tuning for `rows` output rows: more rows per thread cut the x traffic
+ * through L1 (each x load serves rowsPerThread rows), fewer keep enough threads in
+ * flight to saturate memory when the matrix is small.
+ */
+export function q4GemvTuningFor(rows: number): Q4GemvTuning {
+  return { ...Q4_GEMV_TUNING, rowsPerThread: rows >= 32768 ? 4 : rows >= 2048 ? 2 : 1 };
+}
 
 export interface Q4MatmulOptions {
   /** first row of W (an output feature) to use; default 0 */
@@ -52,7 +61,7 @@ export interface Q4MatmulOptions {
 export interface Q4MatmulForwardOptions extends Q4MatmulOptions {
   /** force a kernel (tests and benchmarks); default picks by N */
   kernel?: 'gemv' | 'gemm';
-  /** GEMV tuning knobs; default Q4_GEMV_TUNING */
+  /** GEMV tuning knobs; default q4GemvTuningFor(rowCount) */
   tuning?: Q4GemvTuning;
 }
 
@@ -87,23 +96,27 @@ export function q4ShardBindings(shard: Q4Shard): Tensor[] {
 /**
  * WGSL for one shard's buffers, bound from `first` on (qweight, scales, then zero points
  * when present), and helpers to decode them. Block `blk` = row * nb + b (shard-local row).
+ *
+ * Nibbles become floats without an int-to-float conversion (slow on many GPUs): OR-ing
+ * a nibble into the mantissa of 2^23 gives the f32 2^23 + q. q4Zero returns 2^23 + zero
+ * likewise, so `q4Lo(u) - q4Zero(..)` is exactly q - zero.
  */
 export function q4Wgsl(first: number, zeros: boolean): string {
   const zeroFn = zeros
     ? `@group(0) @binding(${first + 2}) var<storage, read> zp: array<u32>;     // [rows, ceil(nb/2)] bytes
 fn q4Zero(row: u32, b: u32, nb: u32) -> f32 {
   let zi = row * ((nb + 1u) >> 1u) + (b >> 1u);
-  return f32((zp[zi >> 2u] >> ((zi & 3u) * 8u + (b & 1u) * 4u)) & 15u);
+  return bitcast<f32>(((zp[zi >> 2u] >> ((zi & 3u) * 8u + (b & 1u) * 4u)) & 15u) | 0x4b000000u);
 }`
-    : `fn q4Zero(row: u32, b: u32, nb: u32) -> f32 { return 8.0; }`;
+    : `fn q4Zero(row: u32, b: u32, nb: u32) -> f32 { return 8388616.0; }  // 2^23 + 8`;
   return `
 @group(0) @binding(${first}) var<storage, read> qw: array<vec4<u32>>;  // [rows, nb] blocks of 32 nibbles
 @group(0) @binding(${first + 1}) var<storage, read> sc: array<u32>;       // [rows, nb] f16 pairs
 ${zeroFn}
 fn q4Scale(blk: u32) -> f32 { return unpack2x16float(sc[blk >> 1u])[blk & 1u]; }
-// Nibbles 0-3 and 4-7 of one word (elements w*8 + 0..3 and w*8 + 4..7 of a block).
-fn q4Lo(u: u32) -> vec4f { return vec4f((vec4u(u) >> vec4u(0u, 4u, 8u, 12u)) & vec4u(15u)); }
-fn q4Hi(u: u32) -> vec4f { return vec4f((vec4u(u) >> vec4u(16u, 20u, 24u, 28u)) & vec4u(15u)); }`;
+// 2^23 + nibbles 0-3 and 4-7 of one word (elements w*8 + 0..3 and w*8 + 4..7 of a block).
+fn q4Lo(u: u32) -> vec4f { return bitcast<vec4f>(((vec4u(u) >> vec4u(0u, 4u, 8u, 12u)) & vec4u(15u)) | vec4u(0x4b000000u)); }
+fn q4Hi(u: u32) -> vec4f { return bitcast<vec4f>(((vec4u(u) >> vec4u(16u, 20u, 24u, 28u)) & vec4u(15u)) | vec4u(0x4b000000u)); }`;
 }
 
 // ---- GEMV ----------------------------------------------------------------------
@@ -165,12 +178,13 @@ ${rs
   .map(
     (r) => `    let blk${r} = m${r} * p.nb + b;
     let w${r} = qw[blk${r}];
+    let s${r} = q4Scale(blk${r});
     let z${r} = q4Zero(m${r}, b, p.nb);`,
   )
   .join('\n')}
 ${rs.map((r) => ns.map((n) => `    var t${r}_${n} = 0.0;`).join('\n')).join('\n')}
 ${['x', 'y', 'z', 'w'].map((c, w) => word(w, c)).join('')}
-${rs.map((r) => `    let s${r} = q4Scale(blk${r});\n${ns.map((n) => `    a${r}_${n} += s${r} * t${r}_${n};`).join('\n')}`).join('\n')}
+${rs.map((r) => ns.map((n) => `    a${r}_${n} += s${r} * t${r}_${n};`).join('\n')).join('\n')}
   }
 ${rs.map((r) => ns.map((n) => `  red[${r * N + n}u * WG + lid] = a${r}_${n};`).join('\n')).join('\n')}
   workgroupBarrier();
@@ -374,7 +388,7 @@ export function q4Matmul(gpu: Gpu, y: Tensor, x: Tensor, W: Q4Weight, N: number,
   const zeros = W.shards[0]!.zeros !== null;
   const acc = opts.accumulate ? 1 : 0;
   if (kernel === 'gemv') {
-    const tuning = opts.tuning ?? Q4_GEMV_TUNING;
+    const tuning = opts.tuning ?? q4GemvTuningFor(rowCount);
     const rowsPerGroup = tuning.groups * tuning.rowsPerThread;
     const aligned = W.K % 32 === 0;
     if (N > Q4_GEMV_MAX_N) throw new Error(`q4Matmul: the GEMV kernel serves N <= ${Q4_GEMV_MAX_N}, got N=${N}`);

@@ -32,11 +32,11 @@ const SHARD = 256;
 
 const forwardCases: Case[] = [
   { N: 1, M: 1, K: 32, zeros: true },
-  { N: 1, M: 37, K: 64, zeros: false },
+  { N: 1, M: 37, K: 64, zeros: false, tuning: { lanes: 32, groups: 2, rowsPerThread: 4 } },
   { N: 1, M: 13, K: 100, zeros: true },
   { N: 3, M: 20, K: 40, zeros: true },
-  { N: 3, M: 64, K: 96, zeros: false, rowStart: 5, rowCount: 40, accumulate: true },
-  { N: 8, M: 70, K: 100, zeros: false },
+  { N: 3, M: 64, K: 96, zeros: false, rowStart: 5, rowCount: 40, accumulate: true, tuning: { lanes: 32, groups: 2, rowsPerThread: 4 } },
+  { N: 8, M: 70, K: 100, zeros: false, tuning: { lanes: 32, groups: 2, rowsPerThread: 2 } },
   { N: 8, M: 9, K: 256, zeros: true, accumulate: true },
   { N: 3, M: 40, K: 64, zeros: true, rowStart: 5, rowCount: 24, maxShardBytes: SHARD },
   { N: 1, M: 40, K: 64, zeros: false, rowStart: 7, rowCount: 2, maxShardBytes: SHARD, accumulate: true },
