@@ -29,6 +29,8 @@ export interface QuantizeQ4Options {
   zeros?: boolean;
   /** largest buffer of one shard; default the device's storage binding limit */
   maxShardBytes?: number;
+  /** largest source range one dispatch binds; default the device's storage binding limit */
+  maxSourceBytes?: number;
 }
 
 const WG = 64;
@@ -169,31 +171,29 @@ fn roundDiv(v: f32, s: f32) -> i32 {
   return c;
 }`;
 
-function sourceWgsl(srcType: Q4SourceType): string {
+function sourceWgsl(srcType: Q4SourceType, binding: number): string {
   switch (srcType) {
     case 'f32':
-      return `@group(0) @binding(BINDING) var<storage, read> src: array<f32>;
+      return `@group(0) @binding(${binding}) var<storage, read> src: array<f32>;
 fn srcAt(e: u32) -> f32 { return src[e]; }`;
     case 'f16':
-      return `@group(0) @binding(BINDING) var<storage, read> src: array<u32>;  // f16 pairs
+      return `@group(0) @binding(${binding}) var<storage, read> src: array<u32>;  // f16 pairs
 fn srcAt(e: u32) -> f32 { return f16Value((src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu); }`;
     case 'bf16':
-      return `@group(0) @binding(BINDING) var<storage, read> src: array<u32>;  // bf16 pairs
+      return `@group(0) @binding(${binding}) var<storage, read> src: array<u32>;  // bf16 pairs
 fn srcAt(e: u32) -> f32 { return bitcast<f32>(((src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu) << 16u); }`;
   }
 }
 
-export const quantizeQ4Kernel = kernelCache((srcType: Q4SourceType, zeros: boolean) => {
-  const srcBinding = zeros ? 4 : 3;
-  return {
-    label: `q4_quantize ${srcType}${zeros ? ' zeros' : ''}`,
-    code: /* wgsl */ `
+export const quantizeQ4Kernel = kernelCache((srcType: Q4SourceType, zeros: boolean) => ({
+  label: `q4_quantize ${srcType}${zeros ? ' zeros' : ''}`,
+  code: /* wgsl */ `
 struct Params { rows: u32, K: u32, nb: u32, srcOffset: u32, row0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> qw: array<vec4u>;        // [rows, nb] blocks
 @group(0) @binding(2) var<storage, read_write> sc: array<atomic<u32>>;  // [rows, nb] f16 pairs
 ${zeros ? '@group(0) @binding(3) var<storage, read_write> zp: array<atomic<u32>>;  // [rows, ceil(nb/2)] bytes' : ''}
-${sourceWgsl(srcType).replace('BINDING', String(srcBinding))}
+${sourceWgsl(srcType, zeros ? 4 : 3)}
 ${exactScaleWgsl}
 
 @compute @workgroup_size(${WG})
@@ -233,8 +233,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
   ${zeros ? `let zi = r * ((p.nb + 1u) >> 1u) + (b >> 1u);
   atomicOr(&zp[zi >> 2u], u32(zero) << ((zi & 3u) * 8u + (b & 1u) * 4u));` : ''}
 }`,
-  };
-});
+}));
 
 /**
  * Quantizes W [M, K], already on the GPU, into a sharded Q4Weight (new tensors the
@@ -254,7 +253,7 @@ export function quantizeQ4(gpu: Gpu, src: Tensor, M: number, K: number, opts: Qu
   // Each dispatch binds only the source rows it reads, so a source larger than one
   // binding still works: at most `chunkRows` rows per dispatch.
   const align = gpu.device.limits.minStorageBufferOffsetAlignment;
-  const maxBinding = gpu.caps.maxStorageBufferBindingSize;
+  const maxBinding = Math.min(opts.maxSourceBytes ?? Infinity, gpu.caps.maxStorageBufferBindingSize);
   const chunkRows = Math.floor((maxBinding - align - 4) / (K * elemBytes));
   if (chunkRows < 1) throw new Error(`quantizeQ4: one row of ${K} ${srcType} values does not fit a storage binding`);
   const kernel = quantizeQ4Kernel(srcType, zeros);

@@ -77,14 +77,15 @@ describe('quantizeQ4', () => {
     t.release();
   });
 
-  it.each(types)('shards like uploadQ4 and round-trips through dequantizeQ4 (%s)', async (type) => {
+  it.each(types)('shards like uploadQ4, binds the source in pieces and round-trips through dequantizeQ4 (%s)', async (type) => {
     const g = gpu();
     const M = 45;
     const K = 72; // 3 blocks (48 bytes) per row
     const maxShardBytes = 48 * 16;
     const w = randomWeights(new Rng(3), M, K);
     const { t, values } = source(g, w, type);
-    const W = quantizeQ4(g, t, M, K, { srcType: type, zeros: true, maxShardBytes });
+    // small source bindings too: several dispatches per shard, at unaligned source offsets
+    const W = quantizeQ4(g, t, M, K, { srcType: type, zeros: true, maxShardBytes, maxSourceBytes: 1000 });
     const rowsPer = q4ShardRows(M, K, maxShardBytes);
     expect(W.shards.map((s) => [s.rowStart, s.rows])).toEqual([
       [0, rowsPer],
