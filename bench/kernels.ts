@@ -1,0 +1,91 @@
+/**
+ * Kernel benchmark: `npm run bench:kernels [-- --quick]`.
+ *
+ * Prints the adapter, a plain copy kernel's bandwidth, and for each kernel its
+ * GB/s or GFLOP/s plus the ratio to the copy kernel measured in the same run on the
+ * same device (bandwidth-bound kernels: effective bytes moved / time / copy GB/s).
+ * Shapes are Llama-3.2-3B's. --quick shrinks repetitions for slow software adapters.
+ */
+import { acquireNodeGpu } from '../src/gpu/node';
+import type { Gpu } from '../src/gpu/gpu';
+import { f32ToF16 } from '../src/gpu/gpu';
+import { q4Matmul, q4MatmulBackward } from '../src/kernels/q4';
+import { Q4_BLOCK_BYTES, q4Blocks, q4Bytes, releaseQ4, uploadQ4, type Q4Weight } from '../src/kernels/q4-layout';
+import { attentionBenchCases } from './attention-cases';
+import { copyBandwidth, parseFlags, printTable, timeGpu } from './harness';
+
+const flags = parseFlags(process.argv.slice(2));
+const quick = flags.has('quick');
+const timing = quick ? { warmup: 1, iters: 3, reps: 3 } : { warmup: 3, iters: 10, reps: 7 };
+
+/** A random 4-bit weight (valid scales, random nibbles): speed does not depend on values. */
+function randomQ4(gpu: Gpu, M: number, K: number): Q4Weight {
+  const nb = q4Blocks(K);
+  const qweight = new Uint8Array(M * nb * Q4_BLOCK_BYTES);
+  let s = 0x9e3779b9;
+  const words = new Uint32Array(qweight.buffer);
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    words[i] = s >>> 0;
+  }
+  const scales = f32ToF16(new Float32Array(M * nb).fill(0.01));
+  const zeros = new Uint8Array(M * Math.ceil(nb / 2)).fill(0x88);
+  return uploadQ4(gpu, { qweight, scales, zeros }, M, K);
+}
+
+async function main(): Promise<void> {
+  const gpu = await acquireNodeGpu();
+  console.log(`adapter: ${gpu.caps.adapterName}`);
+  console.log(`features: f16=${gpu.caps.f16} subgroups=${gpu.caps.subgroups} timestamp-query=${gpu.caps.timestampQuery}`);
+  const copyBytes = Math.min(256 * 2 ** 20, gpu.caps.maxStorageBufferBindingSize);
+  const copy = await copyBandwidth(gpu, copyBytes, timing);
+  console.log(`copy kernel: ${copy.gbps.toFixed(1)} GB/s (read+write of ${copyBytes / 2 ** 20} MiB)\n`);
+
+  const rows: (string | number)[][] = [];
+  const shapes: [string, number, number][] = [
+    ['q_proj/o_proj 3072x3072', 3072, 3072],
+    ['gate/up 8192x3072', 8192, 3072],
+    ['down 3072x8192', 3072, 8192],
+    ['lm_head 128256x3072', 128256, 3072],
+  ];
+  for (const [name, M, K] of shapes) {
+    const W = randomQ4(gpu, M, K);
+    for (const N of [1, 8]) {
+      const x = gpu.zeros([N, K]);
+      const y = gpu.empty([N, M]);
+      const t = await timeGpu(gpu, () => q4Matmul(gpu, y, x, W, N), timing);
+      const bytes = q4Bytes(M, K, true) + 4 * N * (K + M);
+      const gbps = bytes / (t.ms * 1e-3) / 1e9;
+      rows.push([`q4 GEMV N=${N} ${name}`, t.ms, gbps, (2 * N * M * K) / (t.ms * 1e-3) / 1e9, gbps / copy.gbps]);
+      x.release();
+      y.release();
+    }
+    if (M !== 128256) {
+      const N = 512;
+      const x = gpu.zeros([N, K]);
+      const y = gpu.empty([N, M]);
+      const t = await timeGpu(gpu, () => q4Matmul(gpu, y, x, W, N), timing);
+      const flops = (2 * N * M * K) / (t.ms * 1e-3) / 1e9;
+      const gbps = (q4Bytes(M, K, true) + 4 * N * (K + M)) / (t.ms * 1e-3) / 1e9;
+      rows.push([`q4 GEMM N=${N} ${name}`, t.ms, gbps, flops, gbps / copy.gbps]);
+      const tb = await timeGpu(gpu, () => q4MatmulBackward(gpu, x, y, W, N), timing);
+      const gbpsB = (q4Bytes(M, K, true) + 4 * N * (K + M)) / (tb.ms * 1e-3) / 1e9;
+      rows.push([`q4 GEMM dx N=${N} ${name}`, tb.ms, gbpsB, (2 * N * M * K) / (tb.ms * 1e-3) / 1e9, gbpsB / copy.gbps]);
+      x.release();
+      y.release();
+    }
+    releaseQ4(W);
+  }
+  for (const c of await attentionBenchCases(gpu, timing)) rows.push([c.name, c.ms, c.gbps, c.gflops, c.gbps / copy.gbps]);
+
+  printTable(['kernel', 'ms', 'GB/s', 'GFLOP/s', 'GB/s / copy'], rows);
+  gpu.destroy();
+  process.exit(0);
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
