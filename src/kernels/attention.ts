@@ -19,7 +19,9 @@
  * Decode (one new query per row, KV cache, optional shared prefix) is split-S
  * (flash-decoding): each workgroup scores one chunk of keys for the G heads of one kv
  * head and writes an unnormalised partial output with its max and sum; a combine
- * kernel merges the chunks of each (row, head).
+ * kernel merges the chunks of each (row, head). Chunks of the shared prefix serve
+ * several batch rows at once, so the prefix is read once per group of rows rather
+ * than once per row.
  *
  * Tile sizes are generator parameters; the defaults keep workgroup memory within the
  * 16 KiB browsers guarantee.
@@ -71,9 +73,9 @@ export function attentionWorkgroupBytes(kind: AttentionKernelKind, D: number, t:
 export function defaultAttentionTiles(kind: AttentionKernelKind, D: number, limit = PORTABLE_WORKGROUP_STORAGE): AttentionTiles {
   checkHeadDim(D);
   const D4 = D / 4;
-  let tpr = Math.min(D4, Math.max(1, kind === 'dkdv' ? D / 16 : D / 32));
+  let tpr = Math.min(D4, Math.max(1, Math.floor(kind === 'dkdv' ? D / 16 : D / 32)));
   while (D4 % tpr !== 0) tpr--;
-  for (let rows = 128 / tpr; rows >= 1; rows = Math.floor(rows / 2)) {
+  for (let rows = Math.floor(128 / tpr); rows >= 1; rows = Math.floor(rows / 2)) {
     for (const cols of [16, 8, 4, 2, 1]) {
       const t = { rows, cols, tpr };
       if (attentionWorkgroupBytes(kind, D, t) <= limit) return t;
@@ -88,7 +90,8 @@ function checkHeadDim(D: number): void {
 
 function checkTiles(gpu: Gpu, kind: AttentionKernelKind, D: number, t: AttentionTiles): void {
   const D4 = D / 4;
-  if (t.tpr < 1 || D4 % t.tpr !== 0) throw new Error(`attention ${kind}: tpr ${t.tpr} must divide D/4 = ${D4}`);
+  if (![t.rows, t.cols, t.tpr].every((x) => Number.isInteger(x) && x >= 1)) throw new Error(`attention ${kind}: bad tiles ${JSON.stringify(t)}`);
+  if (D4 % t.tpr !== 0) throw new Error(`attention ${kind}: tpr ${t.tpr} must divide D/4 = ${D4}`);
   const threads = t.rows * t.tpr;
   if (threads > gpu.caps.maxComputeInvocationsPerWorkgroup) {
     throw new Error(`attention ${kind}: ${threads} threads per workgroup exceed the device's ${gpu.caps.maxComputeInvocationsPerWorkgroup}`);
@@ -465,94 +468,112 @@ export interface DecodeTiles {
   tpr: number;
   /** threads per workgroup, a multiple of tpr */
   threads: number;
+  /** batch rows served together by one workgroup of a shared-prefix chunk */
+  prefixRows: number;
 }
 
-export function defaultDecodeTiles(D: number, G: number, limit = PORTABLE_WORKGROUP_STORAGE): DecodeTiles {
+/** Query vectors one workgroup serves: G heads, times prefixRows rows on prefix chunks. */
+function decodeQueries(G: number, t: DecodeTiles): number {
+  return G * Math.max(1, t.prefixRows);
+}
+
+export function decodeWorkgroupBytes(D: number, G: number, t: DecodeTiles): number {
+  const QN = decodeQueries(G, t);
+  const keysPerPass = t.threads / t.tpr;
+  return QN * D * 4 + QN * keysPerPass * (t.tpr + 1) * 4 + QN * t.chunk * 4 + QN * 8 + 4;
+}
+
+export function defaultDecodeTiles(D: number, G: number, B = 8, limit = PORTABLE_WORKGROUP_STORAGE): DecodeTiles {
   checkHeadDim(D);
   const D4 = D / 4;
   let tpr = Math.min(8, D4);
   while (D4 % tpr !== 0) tpr--;
-  for (const chunk of [64, 32, 16, 8]) {
-    const t = { chunk, tpr, threads: 128 };
-    if (decodeWorkgroupBytes(D, G, t) <= limit) return t;
+  // Up to 8 query vectors per prefix workgroup keeps the per-thread accumulators in registers.
+  for (let prefixRows = Math.max(1, Math.min(B, Math.floor(8 / G))); prefixRows >= 1; prefixRows = Math.floor(prefixRows / 2)) {
+    for (const chunk of [64, 32, 16, 8]) {
+      const t = { chunk, tpr, threads: 128, prefixRows };
+      if (decodeWorkgroupBytes(D, G, t) <= limit) return t;
+    }
   }
   throw new Error(`attention decode: head dim ${D} with ${G} heads per kv head does not fit ${limit} bytes of workgroup memory`);
 }
 
-export function decodeWorkgroupBytes(D: number, G: number, t: DecodeTiles): number {
-  const keysPerPass = t.threads / t.tpr;
-  return G * D * 4 + G * keysPerPass * (t.tpr + 1) * 4 + G * t.chunk * 4 + G * 8 + 4;
-}
-
-const decodeKernel = kernelCache((D: number, G: number, tiles: DecodeTiles, prefix: boolean) => {
+/**
+ * One chunk of keys against QN query vectors. 'cache' workgroups read keys
+ * chunk*CH .. of row wid.z's cache for its G heads; 'prefix' workgroups read the shared
+ * prefix for the G heads of rows wid.z*R .. wid.z*R+R-1 (the prefix is read once per R rows).
+ */
+const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: DecodeTiles, source: 'cache' | 'prefix') => {
   const { chunk: CH, tpr: TPR, threads: WG } = tiles;
   const D4 = D / 4;
   const NV = D4 / TPR;
   const KP = WG / TPR;
   const PS = TPR + 1;
-  // Key `key` of kv head hk: the shared prefix holds keys 0 .. P-1, the row's cache the rest.
-  const loaders = (['k', 'v'] as const)
-    .map(
-      (buf) => /* wgsl */ `
-fn load_${buf}(b: u32, hk: u32, key: u32, d4: u32) -> vec4f {
-  ${prefix ? `if (key < p.P) { return p${buf}[(key * p.HK + hk) * ${D4}u + d4]; }` : ''}
-  return ${buf}c[((b * p.Smax + key${prefix ? ' - p.P' : ''}) * p.HK + hk) * ${D4}u + d4];
-}`,
-    )
-    .join('\n');
+  const QN = R * G;
+  const cache = source === 'cache';
   return {
-    label: `attention_decode D=${D} G=${G} chunk=${CH} tpr=${TPR} wg=${WG}${prefix ? ' prefix' : ''}`,
+    label: `attention_decode_${source} D=${D} G=${G} rows=${R} chunk=${CH} tpr=${TPR} wg=${WG}`,
     code: /* wgsl */ `
-struct Params { Smax: u32, H: u32, HK: u32, P: u32, nChunks: u32, scale: f32 }
+struct Params { B: u32, Smax: u32, H: u32, HK: u32, P: u32, nChunks: u32, prefixChunks: u32, scale: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> opart: array<vec4f>;  // [B, H, nChunks, D] unnormalised
 @group(0) @binding(2) var<storage, read_write> ml: array<vec2f>;     // [B, H, nChunks] (max, sum)
 @group(0) @binding(3) var<storage, read> q: array<vec4f>;            // [B, H, D]
-@group(0) @binding(4) var<storage, read> kc: array<vec4f>;           // [B, Smax, HK, D]
-@group(0) @binding(5) var<storage, read> vc: array<vec4f>;           // [B, Smax, HK, D]
-@group(0) @binding(6) var<storage, read> lengths: array<u32>;        // [B]
-${prefix ? `@group(0) @binding(7) var<storage, read> pk: array<vec4f>;           // [P, HK, D]\n@group(0) @binding(8) var<storage, read> pv: array<vec4f>;           // [P, HK, D]` : ''}
-var<workgroup> qs: array<vec4f, ${G * D4}>;
-var<workgroup> part: array<f32, ${G * KP * PS}>;
-var<workgroup> sc: array<f32, ${G * CH}>;
-var<workgroup> stat: array<vec2f, ${G}>;
+@group(0) @binding(4) var<storage, read> keys: array<vec4f>;         // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
+@group(0) @binding(5) var<storage, read> values: array<vec4f>;       // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
+${cache ? '@group(0) @binding(6) var<storage, read> lengths: array<u32>;        // [B]' : ''}
+var<workgroup> qs: array<vec4f, ${QN * D4}>;
+var<workgroup> part: array<f32, ${QN * KP * PS}>;
+var<workgroup> sc: array<f32, ${QN * CH}>;
+var<workgroup> stat: array<vec2f, ${QN}>;
 var<workgroup> total: u32;
-${loaders}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
   let chunk = wid.x;
   let hk = wid.y;
-  let b = wid.z;
-  if (lid == 0u) { total = p.P + min(lengths[b], p.Smax); }
+  let b0 = wid.z * ${R}u;
+  ${
+    cache
+      ? `if (lid == 0u) { total = min(lengths[b0], p.Smax); }
   let nKeys = workgroupUniformLoad(&total);
+  let outChunk = p.prefixChunks + chunk;
+  let keyBase = (b0 * p.Smax * p.HK + hk) * ${D4}u;`
+      : `let nKeys = p.P;
+  let outChunk = chunk;
+  let keyBase = hk * ${D4}u;`
+  }
+  let keyStride = p.HK * ${D4}u;
   let c0 = chunk * ${CH}u;
   if (c0 >= nKeys) { return; }
   let n = min(${CH}u, nKeys - c0);
-  for (var i = lid; i < ${G * D4}u; i += ${WG}u) {
-    qs[i] = q[((b * p.H + hk * ${G}u) * ${D4}u) + i] * p.scale;
+  for (var i = lid; i < ${QN * D4}u; i += ${WG}u) {
+    let b = b0 + i / ${G * D4}u;
+    var qq = vec4f(0.0);
+    if (b < p.B) { qq = q[(b * p.H + hk * ${G}u) * ${D4}u + i % ${G * D4}u] * p.scale; }
+    qs[i] = qq;
   }
   workgroupBarrier();
   let cl = lid / ${TPR}u;
   let j = lid % ${TPR}u;
   for (var kp0 = 0u; kp0 < ${CH}u; kp0 += ${KP}u) {
     let c = kp0 + cl;
-    ${each(G, (g) => `var a${g} = 0.0;`, '\n    ')}
+    ${each(QN, (i) => `var a${i} = 0.0;`, '\n    ')}
     if (c < n) {
-      let key = c0 + c;
-      ${each(NV, (m) => `let k${m} = load_k(b, hk, key, ${m * TPR}u + j);`, '\n      ')}
-      ${each(G, (g) => `a${g} = ${sum(NV, (m) => `dot(k${m}, qs[${g * D4 + m * TPR}u + j])`)};`, '\n      ')}
+      let kb = keyBase + (c0 + c) * keyStride + j;
+      ${each(NV, (m) => `let k${m} = keys[kb + ${m * TPR}u];`, '\n      ')}
+      ${each(QN, (i) => `a${i} = ${sum(NV, (m) => `dot(k${m}, qs[${i * D4 + m * TPR}u + j])`)};`, '\n      ')}
     }
-    ${each(G, (g) => `part[(${g * KP}u + cl) * ${PS}u + j] = a${g};`, '\n    ')}
+    ${each(QN, (i) => `part[(${i * KP}u + cl) * ${PS}u + j] = a${i};`, '\n    ')}
     workgroupBarrier();
-    for (var i = lid; i < ${G * KP}u; i += ${WG}u) {
+    for (var i = lid; i < ${QN * KP}u; i += ${WG}u) {
       let cc = kp0 + i % ${KP}u;
       let s = ${sum(TPR, (jj) => `part[i * ${PS}u + ${jj}u]`)};
       if (cc < ${CH}u) { sc[(i / ${KP}u) * ${CH}u + cc] = select(${NEG}, s, cc < n); }
     }
     workgroupBarrier();
   }
-  if (lid < ${G}u) {
+  if (lid < ${QN}u) {
     var mx = ${NEG};
     for (var c = 0u; c < n; c++) { mx = max(mx, sc[lid * ${CH}u + c]); }
     var l = 0.0;
@@ -564,17 +585,18 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     stat[lid] = vec2f(mx, l);
   }
   workgroupBarrier();
-  for (var i = lid; i < ${G * D4}u; i += ${WG}u) {
-    let g = i / ${D4}u;
+  for (var i = lid; i < ${QN * D4}u; i += ${WG}u) {
+    let qi = i / ${D4}u;
     let d4 = i % ${D4}u;
-    var acc = vec4f(0.0);
-    for (var c = 0u; c < n; c++) {
-      let key = c0 + c;
-      acc += sc[g * ${CH}u + c] * load_v(b, hk, key, d4);
+    let b = b0 + qi / ${G}u;
+    if (b < p.B) {
+      let vb = keyBase + c0 * keyStride + d4;
+      var acc = vec4f(0.0);
+      for (var c = 0u; c < n; c++) { acc += sc[qi * ${CH}u + c] * values[vb + c * keyStride]; }
+      let bh = b * p.H + hk * ${G}u + qi % ${G}u;
+      opart[(bh * p.nChunks + outChunk) * ${D4}u + d4] = acc;
+      if (d4 == 0u) { ml[bh * p.nChunks + outChunk] = stat[qi]; }
     }
-    let bh = b * p.H + hk * ${G}u + g;
-    opart[(bh * p.nChunks + chunk) * ${D4}u + d4] = acc;
-    if (d4 == 0u) { ml[bh * p.nChunks + chunk] = stat[g]; }
   }
 }`,
   };
@@ -586,7 +608,7 @@ const combineKernel = kernelCache((D: number, chunk: number) => {
   return {
     label: `attention_decode_combine D=${D} chunk=${chunk}`,
     code: /* wgsl */ `
-struct Params { B: u32, Smax: u32, H: u32, P: u32, nChunks: u32 }
+struct Params { B: u32, Smax: u32, H: u32, nChunks: u32, prefixChunks: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<vec4f>;    // [B, H, D]
 @group(0) @binding(2) var<storage, read> opart: array<vec4f>;        // [B, H, nChunks, D]
@@ -597,9 +619,8 @@ struct Params { B: u32, Smax: u32, H: u32, P: u32, nChunks: u32 }
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
   let bh = ${WG_LINEAR};
   if (bh >= p.B * p.H) { return; }
-  let b = bh / p.H;
-  let nKeys = p.P + min(lengths[b], p.Smax);
-  let used = min(p.nChunks, (nKeys + ${chunk - 1}u) / ${chunk}u);
+  let own = (min(lengths[bh / p.H], p.Smax) + ${chunk - 1}u) / ${chunk}u;
+  let used = p.prefixChunks + min(p.nChunks - p.prefixChunks, own);
   let base = bh * p.nChunks;
   var mx = ${NEG};
   for (var i = 0u; i < used; i++) { mx = max(mx, ml[base + i].x); }
@@ -651,31 +672,33 @@ export function attentionDecode(
 ): void {
   checkHeadDim(D);
   const G = checkGroups(H, HK);
-  const tiles = opts.tiles ?? defaultDecodeTiles(D, G, Math.min(PORTABLE_WORKGROUP_STORAGE, gpu.caps.maxComputeWorkgroupStorageSize));
+  const limit = Math.min(PORTABLE_WORKGROUP_STORAGE, gpu.caps.maxComputeWorkgroupStorageSize);
+  const tiles = opts.tiles ?? defaultDecodeTiles(D, G, B, limit);
   const D4 = D / 4;
-  if (D4 % tiles.tpr !== 0 || tiles.threads % tiles.tpr !== 0) throw new Error(`attention decode: bad tiles ${JSON.stringify(tiles)}`);
+  if (D4 % tiles.tpr !== 0 || tiles.threads % tiles.tpr !== 0 || tiles.prefixRows < 1) {
+    throw new Error(`attention decode: bad tiles ${JSON.stringify(tiles)}`);
+  }
   const bytes = decodeWorkgroupBytes(D, G, tiles);
   if (bytes > gpu.caps.maxComputeWorkgroupStorageSize) {
     throw new Error(`attention decode: tiles ${JSON.stringify(tiles)} need ${bytes} bytes of workgroup memory`);
   }
   const P = prefix?.P ?? 0;
   const maxLength = Math.min(opts.maxLength ?? Smax, Smax);
-  const nChunks = Math.max(1, ceilDiv(P + maxLength, tiles.chunk));
+  const prefixChunks = ceilDiv(P, tiles.chunk);
+  const nChunks = Math.max(1, prefixChunks + ceilDiv(maxLength, tiles.chunk));
   const opart = gpu.empty([B, H, nChunks, D], 'f32', 'attention-decode-partials');
   const ml = gpu.empty([B, H, nChunks, 2], 'f32', 'attention-decode-stats');
-  const scale = 1 / Math.sqrt(D);
-  const bindings = [opart, ml, q, kCache, vCache, lengths, ...(prefix ? [prefix.k, prefix.v] : [])];
-  gpu.dispatch(
-    decodeKernel(D, G, tiles, prefix !== null),
-    bindings,
-    [nChunks, HK, B],
-    new Params().u32(Smax).u32(H).u32(HK).u32(P).u32(nChunks).f32(scale),
-  );
+  const params = () => new Params().u32(B).u32(Smax).u32(H).u32(HK).u32(P).u32(nChunks).u32(prefixChunks).f32(1 / Math.sqrt(D));
+  if (prefix && prefixChunks > 0) {
+    const R = Math.min(tiles.prefixRows, B);
+    gpu.dispatch(decodeKernel(D, G, R, tiles, 'prefix'), [opart, ml, q, prefix.k, prefix.v], [prefixChunks, HK, ceilDiv(B, R)], params());
+  }
+  gpu.dispatch(decodeKernel(D, G, 1, tiles, 'cache'), [opart, ml, q, kCache, vCache, lengths], [nChunks - prefixChunks, HK, B], params());
   gpu.dispatch(
     combineKernel(D, tiles.chunk),
     [out, opart, ml, lengths],
     grid(B * H),
-    new Params().u32(B).u32(Smax).u32(H).u32(P).u32(nChunks),
+    new Params().u32(B).u32(Smax).u32(H).u32(nChunks).u32(prefixChunks),
   );
   opart.release();
   ml.release();

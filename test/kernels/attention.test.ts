@@ -111,7 +111,7 @@ describe('attention backward', () => {
 
   const cases: [Shape, AttentionOptions | undefined][] = [
     [{ B: 1, T: 5, S: 5, H: 4, HK: 2, D: 8 }, undefined],
-    [{ B: 2, T: 3, S: 6, H: 2, HK: 2, D: 4 }, undefined],
+    [{ B: 2, T: 3, S: 6, H: 2, HK: 2, D: 8 }, undefined],
     [{ B: 1, T: 6, S: 9, H: 8, HK: 1, D: 8 }, undefined],
     [{ B: 1, T: 1, S: 4, H: 2, HK: 1, D: 16 }, undefined],
     [{ B: 1, T: 7, S: 7, H: 4, HK: 2, D: 16 }, { dq: { rows: 3, cols: 2, tpr: 2 }, dkdv: { rows: 3, cols: 5, tpr: 4 } }],
@@ -232,9 +232,10 @@ describe('attention decode and KV cache', () => {
 
   const cases: [string, { B: number; Smax: number; H: number; HK: number; D: number; P: number; lengths: number[] }, DecodeTiles | undefined][] = [
     ['no prefix', { B: 3, Smax: 40, H: 4, HK: 2, D: 16, P: 0, lengths: [1, 17, 40] }, undefined],
-    ['no prefix, small chunks', { B: 3, Smax: 40, H: 4, HK: 2, D: 16, P: 0, lengths: [1, 17, 40] }, { chunk: 8, tpr: 2, threads: 32 }],
+    ['no prefix, small chunks', { B: 3, Smax: 40, H: 4, HK: 2, D: 16, P: 0, lengths: [1, 17, 40] }, { chunk: 8, tpr: 2, threads: 32, prefixRows: 1 }],
     ['prefix', { B: 3, Smax: 30, H: 4, HK: 2, D: 16, P: 11, lengths: [1, 5, 29] }, undefined],
-    ['prefix, chunks straddling it', { B: 3, Smax: 30, H: 8, HK: 1, D: 8, P: 11, lengths: [1, 5, 29] }, { chunk: 4, tpr: 1, threads: 16 }],
+    ['prefix, small chunks, prefix groups of 2 rows (last one partial)', { B: 3, Smax: 30, H: 8, HK: 1, D: 8, P: 11, lengths: [1, 5, 29] }, { chunk: 4, tpr: 1, threads: 16, prefixRows: 2 }],
+    ['prefix, G=1, one prefix group for all rows', { B: 5, Smax: 12, H: 2, HK: 2, D: 16, P: 21, lengths: [12, 1, 2, 7, 3] }, undefined],
     ['prefix, G=3, D=128', { B: 2, Smax: 70, H: 6, HK: 2, D: 128, P: 5, lengths: [70, 3] }, undefined],
     ['H=HK, D=64, long prefix', { B: 2, Smax: 9, H: 2, HK: 2, D: 64, P: 150, lengths: [9, 1] }, undefined],
   ];
@@ -268,7 +269,7 @@ describe('attention decode and KV cache', () => {
   it.each([
     [0, undefined],
     [4, undefined],
-    [5, { chunk: 4, tpr: 2, threads: 16 }],
+    [5, { chunk: 4, tpr: 2, threads: 16, prefixRows: 3 }],
   ] as [number, DecodeTiles | undefined][])(
     'decoding token t over a cache filled by kvCacheWrite equals row t of the prefill forward (prefix %i)',
     async (P, tiles) => {
