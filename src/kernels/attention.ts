@@ -26,7 +26,7 @@
  * Tile sizes are generator parameters; the defaults keep workgroup memory within the
  * 16 KiB browsers guarantee.
  */
-import type { Gpu } from '../gpu/gpu';
+import type { Binding, Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { WG_LINEAR, ceilDiv, grid, kernelCache } from './wgsl';
@@ -637,9 +637,9 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
 });
 
 export interface SharedPrefix {
-  /** [P, HK, D] keys every row attends to before its own cache entries */
-  k: Tensor;
-  v: Tensor;
+  /** [P, HK, D] keys and values every row attends to before its own cache entries */
+  k: Binding;
+  v: Binding;
   P: number;
 }
 
@@ -653,14 +653,15 @@ export interface DecodeOptions {
  * out [B, H, D] = attention of one (already roped) query per row, q [B, H, D], over the
  * shared prefix (if any, positions 0 .. P-1) followed by the first lengths[b] entries of
  * row b's cache kCache, vCache [B, Smax, HK, D]. lengths (u32 [B]) counts the new token.
- * No causal mask beyond that: the new query sees every valid key.
+ * No causal mask beyond that: the new query sees every valid key. Cache and prefix may
+ * be buffer ranges (e.g. one layer's slice of a cache holding every layer).
  */
 export function attentionDecode(
   gpu: Gpu,
   out: Tensor,
   q: Tensor,
-  kCache: Tensor,
-  vCache: Tensor,
+  kCache: Binding,
+  vCache: Binding,
   lengths: Tensor,
   prefix: SharedPrefix | null,
   B: number,
@@ -733,12 +734,12 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
 /**
  * Writes k, v [B, T, HK, D] into kCache, vCache [B, Smax, HK, D] at rows
  * offsets[b] .. offsets[b]+T-1 of each batch row (u32 offsets [B]); positions at or
- * past Smax are dropped.
+ * past Smax are dropped. The caches may be buffer ranges.
  */
 export function kvCacheWrite(
   gpu: Gpu,
-  kCache: Tensor,
-  vCache: Tensor,
+  kCache: Binding,
+  vCache: Binding,
   k: Tensor,
   v: Tensor,
   offsets: Tensor,

@@ -230,6 +230,32 @@ describe('attention decode and KV cache', () => {
     releaseAll(tk, tv, kc, vc, to);
   });
 
+  it('writes and decodes one layer of a cache buffer that holds two layers', async () => {
+    const g = gpu();
+    const [B, Smax, H, HK, D] = [2, 8, 4, 2, 16];
+    const layer = B * Smax * HK * D; // 2048 bytes: a valid storage-binding offset
+    const rng = new Rng(21);
+    const k = rng.f32(B * Smax * HK * D);
+    const v = rng.f32(B * Smax * HK * D);
+    const q = rng.f32(B * H * D);
+    const lengths = Uint32Array.from([8, 3]);
+    const kAll = g.zeros([2, B, Smax, HK, D]);
+    const vAll = g.zeros([2, B, Smax, HK, D]);
+    const slice = (t: Tensor) => ({ buffer: t.buffer, offset: layer * 4, size: layer * 4 });
+    const tk = g.upload(k, [B, Smax, HK, D]);
+    const tv = g.upload(v, [B, Smax, HK, D]);
+    const zeros = g.upload(new Uint32Array(B), [B], 'u32');
+    kvCacheWrite(g, slice(kAll), slice(vAll), tk, tv, zeros, B, Smax, Smax, HK, D);
+    const tq = g.upload(q, [B, H, D]);
+    const tl = g.upload(lengths, [B], 'u32');
+    const out = g.empty([B, H, D]);
+    attentionDecode(g, out, tq, slice(kAll), slice(vAll), tl, null, B, Smax, H, HK, D);
+    const ref = attentionDecodeRef(q, k, v, lengths, null, B, Smax, H, HK, D);
+    expectClose(await g.readF32(out), ref, { atol: 2e-5, rtol: 1e-4, label: 'decode from layer 1' });
+    expect((await g.readF32(kAll)).subarray(0, layer).every((x) => x === 0)).toBe(true);
+    releaseAll(kAll, vAll, tk, tv, zeros, tq, tl, out);
+  });
+
   const cases: [string, { B: number; Smax: number; H: number; HK: number; D: number; P: number; lengths: number[] }, DecodeTiles | undefined][] = [
     ['no prefix', { B: 3, Smax: 40, H: 4, HK: 2, D: 16, P: 0, lengths: [1, 17, 40] }, undefined],
     ['no prefix, small chunks', { B: 3, Smax: 40, H: 4, HK: 2, D: 16, P: 0, lengths: [1, 17, 40] }, { chunk: 8, tpr: 2, threads: 32, prefixRows: 1 }],
