@@ -36,16 +36,29 @@ export interface Timing {
   iters: number;
 }
 
-export async function timeGpu(gpu: Gpu, fn: () => void, opts: { warmup?: number; iters?: number; reps?: number } = {}): Promise<Timing> {
-  const { warmup = 2, iters = 10, reps = 5 } = opts;
-  for (let i = 0; i < warmup; i++) fn();
+/**
+ * Median milliseconds per call. The first (warm-up) call also sizes the batch: slow
+ * calls get fewer iterations and repetitions, so a software adapter finishes in
+ * minutes while a real GPU still gets a stable median of many short batches.
+ */
+export async function timeGpu(gpu: Gpu, fn: () => void, opts: { warmup?: number; iters?: number; reps?: number; budgetMs?: number } = {}): Promise<Timing> {
+  const { warmup = 2, budgetMs = 3000 } = opts;
+  let { iters = 10, reps = 5 } = opts;
+  const t0 = performance.now();
+  fn();
   await gpu.sync();
+  const first = performance.now() - t0;
+  for (let i = 1; i < warmup && first < 500; i++) fn();
+  await gpu.sync();
+  // Keep the whole measurement near budgetMs, never below one call per repetition.
+  iters = Math.max(1, Math.min(iters, Math.floor(budgetMs / reps / Math.max(first, 1e-3))));
+  if (first * reps > budgetMs) reps = Math.max(1, Math.min(reps, Math.floor(budgetMs / first)));
   const samples: number[] = [];
   for (let r = 0; r < reps; r++) {
-    const t0 = performance.now();
+    const t1 = performance.now();
     for (let i = 0; i < iters; i++) fn();
     await gpu.sync();
-    samples.push((performance.now() - t0) / iters);
+    samples.push((performance.now() - t1) / iters);
   }
   samples.sort((a, b) => a - b);
   return { ms: samples[Math.floor(samples.length / 2)]!, reps, iters };

@@ -16,7 +16,7 @@ import { copyBandwidth, parseFlags, printTable, timeGpu } from './harness';
 
 const flags = parseFlags(process.argv.slice(2));
 const quick = flags.has('quick');
-const timing = quick ? { warmup: 1, iters: 3, reps: 3 } : { warmup: 3, iters: 10, reps: 7 };
+const timing = quick ? { warmup: 1, iters: 3, reps: 3, budgetMs: 1000 } : { warmup: 3, iters: 20, reps: 7, budgetMs: 4000 };
 
 /** A random 4-bit weight (valid scales, random nibbles): speed does not depend on values. */
 function randomQ4(gpu: Gpu, M: number, K: number): Q4Weight {
@@ -44,6 +44,10 @@ async function main(): Promise<void> {
   console.log(`copy kernel: ${copy.gbps.toFixed(1)} GB/s (read+write of ${copyBytes / 2 ** 20} MiB)\n`);
 
   const rows: (string | number)[][] = [];
+  const push = (row: (string | number)[]) => {
+    rows.push(row);
+    console.log(`  ${row[0]}: ${(row[1] as number).toFixed(2)} ms`);
+  };
   const shapes: [string, number, number][] = [
     ['q_proj/o_proj 3072x3072', 3072, 3072],
     ['gate/up 8192x3072', 8192, 3072],
@@ -58,7 +62,7 @@ async function main(): Promise<void> {
       const t = await timeGpu(gpu, () => q4Matmul(gpu, y, x, W, N), timing);
       const bytes = q4Bytes(M, K, true) + 4 * N * (K + M);
       const gbps = bytes / (t.ms * 1e-3) / 1e9;
-      rows.push([`q4 GEMV N=${N} ${name}`, t.ms, gbps, (2 * N * M * K) / (t.ms * 1e-3) / 1e9, gbps / copy.gbps]);
+      push([`q4 GEMV N=${N} ${name}`, t.ms, gbps, (2 * N * M * K) / (t.ms * 1e-3) / 1e9, gbps / copy.gbps]);
       x.release();
       y.release();
     }
@@ -69,18 +73,19 @@ async function main(): Promise<void> {
       const t = await timeGpu(gpu, () => q4Matmul(gpu, y, x, W, N), timing);
       const flops = (2 * N * M * K) / (t.ms * 1e-3) / 1e9;
       const gbps = (q4Bytes(M, K, true) + 4 * N * (K + M)) / (t.ms * 1e-3) / 1e9;
-      rows.push([`q4 GEMM N=${N} ${name}`, t.ms, gbps, flops, gbps / copy.gbps]);
+      push([`q4 GEMM N=${N} ${name}`, t.ms, gbps, flops, gbps / copy.gbps]);
       const tb = await timeGpu(gpu, () => q4MatmulBackward(gpu, x, y, W, N), timing);
       const gbpsB = (q4Bytes(M, K, true) + 4 * N * (K + M)) / (tb.ms * 1e-3) / 1e9;
-      rows.push([`q4 GEMM dx N=${N} ${name}`, tb.ms, gbpsB, (2 * N * M * K) / (tb.ms * 1e-3) / 1e9, gbpsB / copy.gbps]);
+      push([`q4 GEMM dx N=${N} ${name}`, tb.ms, gbpsB, (2 * N * M * K) / (tb.ms * 1e-3) / 1e9, gbpsB / copy.gbps]);
       x.release();
       y.release();
     }
     releaseQ4(W);
   }
-  for (const c of await attentionBenchCases(gpu, timing)) rows.push([c.name, c.ms, c.gbps, c.gflops, c.gbps / copy.gbps]);
+  for (const c of await attentionBenchCases(gpu, timing)) push([c.name, c.ms, c.gbps, c.gflops, c.gbps / copy.gbps]);
 
   printTable(['kernel', 'ms', 'GB/s', 'GFLOP/s', 'GB/s / copy'], rows);
+  console.log(`\ncopy kernel ${copy.gbps.toFixed(1)} GB/s on ${gpu.caps.adapterName}; ratios measured in this run`);
   gpu.destroy();
   process.exit(0);
 }
