@@ -30,6 +30,10 @@ describe('kernels in a real browser (Chromium WebGPU)', () => {
     expect(report.error).toBeUndefined();
     console.log(`browser adapter: ${report.adapter}`);
     expect(report.checks.length).toBeGreaterThan(0);
-    for (const c of report.checks) expect(c.maxErr, c.name).toBeLessThan(1e-4);
+    for (const c of report.checks) {
+      console.log(`  ${c.name}: max |err| ${c.maxErr}`);
+      expect(c.maxErr, c.name).toBeLessThan(1e-4);
+    }
+    expect(report.checks.map((c) => c.name)).toEqual(['rmsnorm', 'quantize bytes', 'q4 matmul N=1', 'q4 matmul N=33', 'attention']);
   });
 });
