@@ -158,5 +158,5 @@ describe('autodiff tape', () => {
     const grads = await g.readF32(tgs[0]!);
     expect(grads.every(Number.isFinite)).toBe(true);
     for (const t of [tx, tr, ...tws, ...tgs]) t.release();
-  });
+  }, 600_000); // ~20 s alone on SwiftShader; dispatch-bound, so generous under load
 });
