@@ -11,18 +11,13 @@
  * so the result tracks cos/sin of the f32 angle to a few ulp for positions well past
  * 10^4, as PyTorch's fp32 cos/sin do.
  */
+import type { Llama3RopeScaling } from '../formats/llama-config';
 import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { WG_LINEAR, grid, kernelCache } from './wgsl';
 
-export interface Llama3RopeScaling {
-  type: 'llama3';
-  factor: number;
-  lowFreqFactor: number;
-  highFreqFactor: number;
-  originalMaxPositionEmbeddings: number;
-}
+export type { Llama3RopeScaling };
 
 /**
  * Inverse frequencies [D/2] as transformers computes them (`_compute_default_rope_parameters`
