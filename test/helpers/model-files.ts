@@ -192,3 +192,17 @@ export function syntheticModel(o: SyntheticOptions = {}): SyntheticModel {
   };
   return { config, values, tensors, files };
 }
+
+/** Throws unless both views hold the same bytes, naming the first differing element. */
+export function expectSameBytes(actual: ArrayBufferView, expected: ArrayBufferView, label = 'values'): void {
+  const a = new Uint8Array(actual.buffer, actual.byteOffset, actual.byteLength);
+  const e = new Uint8Array(expected.buffer, expected.byteOffset, expected.byteLength);
+  if (a.length !== e.length) throw new Error(`${label}: ${a.length} bytes, expected ${e.length}`);
+  if (Buffer.compare(a, e) === 0) return;
+  let i = 0;
+  while (a[i] === e[i]) i++;
+  const size = 'BYTES_PER_ELEMENT' in actual ? (actual as unknown as { BYTES_PER_ELEMENT: number }).BYTES_PER_ELEMENT : 1;
+  const el = Math.floor(i / size);
+  const show = (v: ArrayBufferView): unknown => (v as unknown as ArrayLike<number>)[el];
+  throw new Error(`${label}: first difference at element ${el}: got ${String(show(actual))}, expected ${String(show(expected))}`);
+}
