@@ -16,7 +16,7 @@ import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { matmul } from './matmul';
-import { WG_LINEAR, ceilDiv, grid, kernelCache } from './wgsl';
+import { WG_LINEAR, ceilDiv, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
 /**
  * The output projection W [V, C] (nn.Linear layout; the tied embedding), seen one
@@ -80,30 +80,7 @@ export function lmHeadScratchBytes(gpu: Gpu, N: number, V: number, requested = 8
   return N * lmHeadChunk(gpu, N, V, requested) * 4;
 }
 
-const reduceSnippet = /* wgsl */ `
-var<workgroup> red: array<f32, ${WG}>;
-fn workgroupMax(v: f32, lid: u32) -> f32 {
-  red[lid] = v;
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-    workgroupBarrier();
-  }
-  let r = red[0];
-  workgroupBarrier();
-  return r;
-}
-fn workgroupSum(v: f32, lid: u32) -> f32 {
-  red[lid] = v;
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { red[lid] += red[lid + s]; }
-    workgroupBarrier();
-  }
-  let r = red[0];
-  workgroupBarrier();
-  return r;
-}`;
+const reduceSnippet = workgroupReduceWgsl(WG, ['max', 'sum']);
 
 /** Folds one chunk of logits into the running per-row state (one workgroup per row). */
 const chunkStatsKernel = kernelCache(() => ({

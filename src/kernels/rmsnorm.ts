@@ -6,23 +6,11 @@
 import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
-import { WG_LINEAR, grid, kernelCache } from './wgsl';
+import { WG_LINEAR, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
 const WG = 256;
 
-const reduceSnippet = `
-var<workgroup> red: array<f32, ${WG}>;
-fn workgroupSum(v: f32, lid: u32) -> f32 {
-  red[lid] = v;
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { red[lid] += red[lid + s]; }
-    workgroupBarrier();
-  }
-  let r = red[0];
-  workgroupBarrier();
-  return r;
-}`;
+const reduceSnippet = workgroupReduceWgsl(WG, ['sum']);
 
 const forwardKernel = kernelCache(() => ({
   label: 'rmsnorm_forward',

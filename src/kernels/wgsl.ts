@@ -39,3 +39,27 @@ export function ceilDiv(a: number, b: number): number {
 export function enables(opts: { f16?: boolean; subgroups?: boolean }): string {
   return [opts.f16 ? 'enable f16;' : '', opts.subgroups ? 'enable subgroups;' : ''].filter(Boolean).join('\n');
 }
+
+/**
+ * WGSL for tree reductions across one workgroup: declares `var<workgroup> red` of
+ * `wg` f32 and, per requested op, `fn workgroupSum / workgroupMax(v: f32, lid: u32) -> f32`.
+ * Every invocation must call them (they contain barriers); each returns the result to all.
+ */
+export function workgroupReduceWgsl(wg: number, ops: readonly ('sum' | 'max')[]): string {
+  const combine = { sum: 'red[lid] + red[lid + s]', max: 'max(red[lid], red[lid + s])' };
+  const fns = ops.map(
+    (op) => `
+fn workgroup${op === 'sum' ? 'Sum' : 'Max'}(v: f32, lid: u32) -> f32 {
+  red[lid] = v;
+  workgroupBarrier();
+  for (var s = ${wg / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] = ${combine[op]}; }
+    workgroupBarrier();
+  }
+  let r = red[0];
+  workgroupBarrier();
+  return r;
+}`,
+  );
+  return `var<workgroup> red: array<f32, ${wg}>;${fns.join('')}`;
+}
