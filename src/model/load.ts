@@ -428,8 +428,8 @@ function copyQ4Rows(gpu: Gpu, dst: Q4Weight, dstRow0: number, block: Q4Weight): 
   }
 }
 
-/** The frozen linear weights of the model: which tensors are 4-bit in format q4. */
-function isQuantized(name: string): boolean {
+/** The frozen linear weights of the model: which tensors are 4-bit in format q4 (norms and the score head stay f32). */
+export function isQuantizedTensor(name: string): boolean {
   return name === 'model.embed_tokens.weight' || name === 'lm_head.weight' || /\.(q|k|v|o|gate|up|down)_proj\.weight$/.test(name);
 }
 
@@ -509,7 +509,7 @@ async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOption
     ld.bytesTotal = needed.reduce((a, [, t]) => a + t.info.byteLength, 0);
     const byName = new Map<string, GpuTensor>();
     for (const [name, t] of needed) {
-      if (options.format === 'q4' && isQuantized(name)) byName.set(name, { kind: 'q4', w: await uploadQ4(ld, name, t) });
+      if (options.format === 'q4' && isQuantizedTensor(name)) byName.set(name, { kind: 'q4', w: await uploadQ4(ld, name, t) });
       else byName.set(name, { kind: 'f32', t: await uploadF32(ld, name, t) });
       // Bounds what the driver buffers for uploads, and surfaces GPU errors at the tensor that caused them.
       await gpu.sync();
@@ -650,7 +650,7 @@ async function loadFromCache(gpu: Gpu, entry: CachedEntry, options: LoadOptions)
       if (!shape || shape.length !== got.length || shape.some((d, i) => d !== got[i])) {
         throw new FormatError(`cached ${manifest.source}`, `tensor ${JSON.stringify(c.name)}`, `has shape ${show(got)} but config.json implies ${show(shape ?? null)}`, hint);
       }
-      if ((c.kind === 'q4') !== (options.format === 'q4' && isQuantized(c.name))) {
+      if ((c.kind === 'q4') !== (options.format === 'q4' && isQuantizedTensor(c.name))) {
         throw new FormatError(`cached ${manifest.source}`, `tensor ${JSON.stringify(c.name)}`, `is stored as ${c.kind}, which format ${options.format} does not use`, hint);
       }
       byName.set(c.name, c.kind === 'q4' ? { kind: 'q4', w: await q4FromCache(ld, entry, c) } : { kind: 'f32', t: await f32FromCache(ld, entry, c) });

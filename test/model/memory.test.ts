@@ -1,0 +1,129 @@
+/**
+ * The memory plan against what the engine really allocates (the loaded tiny model's
+ * bytes) and against hand-computed sizes for Llama-3.2-3B (formats.md), whose figures
+ * are printed.
+ */
+import { describe, expect, it } from 'vitest';
+import { parseLlamaConfig } from '../../src/formats/llama-config';
+import { q4Bytes } from '../../src/kernels/q4-layout';
+import { loadLlama } from '../../src/model/load';
+import { formatMemoryPlan, planMemory, type RunShape } from '../../src/model/memory';
+import { openModelDir } from '../../src/model/node-source';
+import { useGpu } from '../helpers/gpu';
+import { TINY_DIR } from '../helpers/model-files';
+
+const GiB = 2 ** 30;
+const ALL = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
+
+/** Llama-3.2-3B-Instruct's config.json fields (formats.md). */
+const CONFIG_3B = parseLlamaConfig(
+  {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: 3072,
+    intermediate_size: 8192,
+    num_hidden_layers: 28,
+    num_attention_heads: 24,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 128256,
+    max_position_embeddings: 131072,
+    rope_theta: 500000,
+    rope_scaling: { rope_type: 'llama3', factor: 32, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+    rms_norm_eps: 1e-5,
+    tie_word_embeddings: true,
+    bos_token_id: 128000,
+    eos_token_id: [128001, 128008, 128009],
+    torch_dtype: 'bfloat16',
+  },
+  'config.json',
+);
+
+const RUN_3B: RunShape = {
+  format: 'q4',
+  loraRank: 16,
+  loraTargets: ALL,
+  groupSize: 8,
+  maxPromptTokens: 256,
+  maxNewTokens: 512,
+  checkpointing: true,
+};
+
+/** A desktop GPU's limits (Chrome grants the adapter's maxima; 1-4 GiB is common). */
+const DESKTOP = { maxBufferSize: 2 * GiB, maxStorageBufferBindingSize: 2 * GiB, totalBudgetBytes: 4e9 };
+
+describe('planMemory', () => {
+  const gpu = useGpu();
+
+  it("states the tiny model's weights exactly as the loader allocates them", async () => {
+    const limits = { maxBufferSize: gpu().caps.maxBufferSize, maxStorageBufferBindingSize: gpu().caps.maxStorageBufferBindingSize };
+    for (const format of ['q4', 'f32'] as const) {
+      const m = await loadLlama(gpu(), await openModelDir(TINY_DIR), { format });
+      const plan = planMemory(m.weights.config, { ...RUN_3B, format, groupSize: 2, maxNewTokens: 16, maxPromptTokens: 16 }, limits);
+      expect(plan.weights).toBe(m.weights.bytes);
+      m.weights.release();
+    }
+    // Small shards: the plan follows the loader's sharding too.
+    const shard = 256 * 1024;
+    const m = await loadLlama(gpu(), await openModelDir(TINY_DIR), { format: 'q4', maxShardBytes: shard });
+    const plan = planMemory(m.weights.config, RUN_3B, { maxBufferSize: shard, maxStorageBufferBindingSize: gpu().caps.maxStorageBufferBindingSize });
+    expect(plan.weights).toBe(m.weights.bytes);
+    if (m.weights.embed.format === 'q4') expect(m.weights.embed.table.shards.length).toBeGreaterThan(1);
+    m.weights.release();
+  });
+
+  it('Llama-3.2-3B, rank-16 LoRA on all seven projections, G=8 answers of 512 tokens after a 256-token prompt', () => {
+    const plan = planMemory(CONFIG_3B, RUN_3B, DESKTOP);
+    const full = planMemory(CONFIG_3B, { ...RUN_3B, trainTokensPerStep: 8 * (256 + 512) }, DESKTOP);
+    console.log(['3B plan, one answer (768 tokens) per training micro-batch:', ...formatMemoryPlan(plan)].join('\n'));
+    console.log(['3B plan, all 8 answers (6144 tokens) in one training pass:', ...formatMemoryPlan(full)].join('\n'));
+
+    // Independent figures. 4-bit weights: 28 layers of 7 projections plus the tied embedding.
+    const C = 3072;
+    const F = 8192;
+    const KV = 8 * 128;
+    const layerQ4 = 2 * q4Bytes(C, C, true) + 2 * q4Bytes(KV, C, true) + 2 * q4Bytes(F, C, true) + q4Bytes(C, F, true);
+    const packed = 28 * layerQ4 + q4Bytes(128256, C, true) + (2 * 28 + 1) * C * 4 + 64 * 4;
+    expect(plan.weights).toBeGreaterThanOrEqual(packed);
+    expect(plan.weights).toBeLessThan(packed * 1.02); // pool buckets round up a little
+    // LoRA parameters: r (in + out) per projection.
+    const loraParams = 28 * 16 * ((C + C) * 2 + (C + KV) * 2 + (C + F) * 3);
+    expect(loraParams).toBe(24_313_856);
+    expect(plan.lora).toBe(loraParams * 4 * 2); // A, B and grads (every size is a pool bucket)
+    expect(plan.optimizer).toBe(loraParams * 4 * 2 + 256); // m, v + the step's scalars
+    // KV cache: 28 layers x K,V x (8 rows x 511 positions + the 256-token prompt once) x 8 heads x 128.
+    expect(plan.kvCache).toBe(2 * 28 * 8 * 128 * 4 * 256 + 2 * 28 * 16 * 2 ** 20);
+    expect(plan.lmHeadScratch).toBe(768 * 8192 * 4);
+    expect(plan.total).toBe(plan.weights + plan.lora + plan.optimizer + Math.max(plan.kvCache + plan.generationScratch, plan.activations + plan.lmHeadScratch));
+    // The goal: at most 4 GB in total, met with one answer per training micro-batch ...
+    expect(plan.total).toBeLessThanOrEqual(4e9);
+    expect(plan.problems).toEqual([]);
+    // ... but not when all 6144 tokens are trained in one pass (checkpoints alone: 29 x 6144 x 3072 x 4 bytes).
+    expect(full.activations).toBeGreaterThan(29 * 6144 * C * 4);
+    expect(full.total).toBeGreaterThan(4e9);
+    expect(full.problems.map((p) => p.kind)).toEqual(['over-budget']);
+    expect(full.problems[0]!.fix).toMatch(/fewer tokens per step/);
+  });
+
+  it('refuses in plain words what the device cannot hold', () => {
+    // A phone-class GPU: 128 MiB bindings and 1 GB for the run.
+    const small = planMemory(CONFIG_3B, { ...RUN_3B, groupSize: 128 }, { maxBufferSize: 256 * 2 ** 20, maxStorageBufferBindingSize: 128 * 2 ** 20, totalBudgetBytes: 1e9 });
+    const kinds = small.problems.map((p) => p.kind);
+    expect(kinds).toContain('buffer-too-large');
+    expect(kinds).toContain('over-budget');
+    const tooBig = small.problems.find((p) => p.kind === 'buffer-too-large')!;
+    expect(tooBig.message).toMatch(/^KV cache per layer \[128, 511, 8, 128\] \(K and V\) needs one 256 MiB buffer, but this GPU allows at most 128 MiB per buffer\.$/);
+    expect(tooBig.fix).toMatch(/fewer answers per prompt/);
+    const over = small.problems.find((p) => p.kind === 'over-budget')!;
+    expect(over.message).toMatch(/needs about \d+ MiB of GPU memory but only 954 MiB/);
+    expect(over.fix).toMatch(/fewer answers per prompt \(G = 128 now\)/);
+    // Weights in f32: the 128256 x 3072 embedding does not fit a 1 GiB buffer.
+    const f32 = planMemory(CONFIG_3B, { ...RUN_3B, format: 'f32' }, { maxBufferSize: GiB, maxStorageBufferBindingSize: GiB });
+    expect(f32.problems[0]!.message).toBe('model.embed_tokens.weight (f32) needs one 1503 MiB buffer, but this GPU allows at most 1024 MiB per buffer.');
+    expect(f32.problems[0]!.fix).toMatch(/4-bit/);
+    expect(f32.largestBuffer.what).toMatch(/embed_tokens/);
+    // Longer than the context window.
+    const long = planMemory(CONFIG_3B, { ...RUN_3B, maxPromptTokens: 131072 }, DESKTOP);
+    expect(long.problems.map((p) => p.kind)).toContain('context-too-long');
+  });
+});
