@@ -1,6 +1,6 @@
 /** Model sources and checkpoints built in memory for the loader, cache and tokenizer tests. */
 import { join } from 'node:path';
-import { parseJsonInput } from '../../src/formats/errors';
+import { FormatError, parseJsonInput } from '../../src/formats/errors';
 import { MemorySource, f32ToBf16, writeSafetensors, type SafetensorsDType, type TensorToWrite } from '../../src/formats/safetensors';
 import type { Gpu } from '../../src/gpu/gpu';
 import type { FrozenLinear } from '../../src/kernels/linear';
@@ -53,7 +53,7 @@ export function countingSource(inner: ModelSource): { source: ModelSource; log: 
 export function memorySource(files: Record<string, Uint8Array | string>, name = 'memory-model', revision: string | null = 'r1'): ModelSource {
   const bytes = (f: string): Uint8Array => {
     const v = files[f];
-    if (v === undefined) throw new Error(`${f}: not in the memory model`);
+    if (v === undefined) throw new FormatError(f, null, `is missing from ${name}`, 'Add the file.');
     return typeof v === 'string' ? new TextEncoder().encode(v) : v;
   };
   return {
