@@ -1,0 +1,177 @@
+/**
+ * The quantized-model cache: a second load reads nothing from the source and gives the
+ * same weights byte for byte; a full store leaves no partial entry behind.
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { downloadQ4 } from '../../src/kernels/q4-layout';
+import { MemoryModelCache, ModelCacheError, OpfsModelCache, modelCacheKey, type CacheManifest } from '../../src/model/cache';
+import { loadLlama, type LoadedModel } from '../../src/model/load';
+import { openModelDir } from '../../src/model/node-source';
+import { loadTokenizer } from '../../src/model/tokenizer';
+import type { Gpu } from '../../src/gpu/gpu';
+import { useGpu } from '../helpers/gpu';
+import { ROOT, TINY_DIR, countingSource, expectSameBytes, linearValues, memorySource, syntheticModel } from '../helpers/model-files';
+import { FakeDirectory, FakeQuota } from '../helpers/model-opfs';
+
+/** Every weight of two loaded models is the same, byte for byte. */
+async function expectSameWeights(gpu: Gpu, a: LoadedModel, b: LoadedModel): Promise<void> {
+  const [x, y] = [a.weights, b.weights];
+  expect(y.bytes).toBe(x.bytes);
+  expect(y.config).toEqual(x.config);
+  expect(b.generation).toEqual(a.generation);
+  if (x.embed.format === 'q4' && y.embed.format === 'q4') {
+    const [p, q] = [await downloadQ4(gpu, x.embed.table), await downloadQ4(gpu, y.embed.table)];
+    expectSameBytes(q.qweight, p.qweight, 'embedding qweight');
+    expectSameBytes(q.scales, p.scales, 'embedding scales');
+    expectSameBytes(q.zeros!, p.zeros!, 'embedding zeros');
+  } else if (x.embed.format === 'f32' && y.embed.format === 'f32') {
+    expectSameBytes(await gpu.readF32(y.embed.table), await gpu.readF32(x.embed.table), 'embedding');
+  } else {
+    throw new Error('embedding formats differ');
+  }
+  for (let l = 0; l < x.layers.length; l++) {
+    for (const f of ['q', 'k', 'v', 'o', 'gate', 'up', 'down'] as const) {
+      expectSameBytes(await linearValues(gpu, y.layers[l]![f]), await linearValues(gpu, x.layers[l]![f]), `layer ${l} ${f}`);
+    }
+    expectSameBytes(await gpu.readF32(y.layers[l]!.inputNorm), await gpu.readF32(x.layers[l]!.inputNorm), `layer ${l} input norm`);
+    expectSameBytes(await gpu.readF32(y.layers[l]!.postNorm), await gpu.readF32(x.layers[l]!.postNorm), `layer ${l} post norm`);
+  }
+  expectSameBytes(await gpu.readF32(y.finalNorm), await gpu.readF32(x.finalNorm), 'final norm');
+  expectSameBytes(await gpu.readF32(y.invFreq), await gpu.readF32(x.invFreq), 'invFreq');
+}
+
+describe('loadLlama with a model cache', () => {
+  const gpu = useGpu();
+
+  it('second load of tiny-llama (q4) reads nothing from the source and gives identical weights and tokenizer', async () => {
+    const cache = new MemoryModelCache();
+    const first = await loadLlama(gpu(), await openModelDir(TINY_DIR), { format: 'q4', cache });
+    expect(first.fromCache).toBe(false);
+    expect(first.cacheError).toBeNull();
+    const [manifest] = await cache.list();
+    expect(manifest!.format).toBe('q4');
+    expect(manifest!.files.map((f) => f.name)).toEqual(expect.arrayContaining(['config.json', 'tokenizer.json', 'tokenizer_config.json', 'model.embed_tokens.weight.qweight']));
+    // 4-bit payload: what the GPU holds, without pool rounding (plus the text files).
+    const texts = manifest!.files.filter((f) => f.name.endsWith('.json')).reduce((a, f) => a + f.size, 0);
+    expect(manifest!.bytes - texts).toBeLessThanOrEqual(first.weights.bytes);
+
+    const { source, log } = countingSource(await openModelDir(TINY_DIR));
+    const events: string[] = [];
+    const second = await loadLlama(gpu(), source, { format: 'q4', cache, onProgress: (p) => events.push(p.phase) });
+    expect(log.calls).toEqual([]);
+    expect(log.reads).toBe(0);
+    expect(second.fromCache).toBe(true);
+    expect(new Set(events)).toEqual(new Set(['cache-read']));
+    await expectSameWeights(gpu(), first, second);
+
+    // The tokenizer comes from the cached files as well.
+    const fixture = JSON.parse(await readFile(join(ROOT, 'test', 'fixtures', 'tiny-llama.json'), 'utf8')) as { sequences: { name: string; ids: number[]; messages: { role: string; content: string }[]; date_string: string }[] };
+    const chat = fixture.sequences.find((s) => s.name === 'chat')!;
+    const tok = await loadTokenizer(second.files);
+    expect(tok.applyChatTemplate(chat.messages, { dateString: chat.date_string })).toEqual(chat.ids);
+    expect(log.calls).toEqual([]);
+    first.weights.release();
+    second.weights.release();
+  });
+
+  it('the cached bytes re-shard for another device limit; f32 models cache too', async () => {
+    const m = syntheticModel({ vocab: 1000, seed: 29 });
+    const cache = new MemoryModelCache();
+    const first = await loadLlama(gpu(), memorySource(m.files), { format: 'q4', cache });
+    const second = await loadLlama(gpu(), memorySource({}), { format: 'q4', cache, maxShardBytes: 4 << 10, maxChunkBytes: 3000 });
+    expect(second.fromCache).toBe(true);
+    if (second.weights.embed.format !== 'q4') throw new Error('q4 expected');
+    expect(second.weights.embed.table.shards.length).toBe(8);
+    await expectSameWeights(gpu(), { ...first, weights: { ...first.weights, bytes: second.weights.bytes } }, second);
+
+    const f1 = await loadLlama(gpu(), memorySource(m.files), { format: 'f32', cache });
+    expect(f1.fromCache).toBe(false);
+    const f2 = await loadLlama(gpu(), memorySource({}), { format: 'f32', cache });
+    expect(f2.fromCache).toBe(true);
+    await expectSameWeights(gpu(), f1, f2);
+    expect((await cache.list()).map((e) => e.format).sort()).toEqual(['f32', 'q4']);
+    for (const x of [first, second, f1, f2]) x.weights.release();
+  });
+
+  it('another revision of the same source is a different entry', async () => {
+    const m = syntheticModel({ seed: 31 });
+    const cache = new MemoryModelCache();
+    const a = await loadLlama(gpu(), memorySource(m.files, 'repo', 'r1'), { format: 'q4', cache });
+    const b = await loadLlama(gpu(), memorySource(m.files, 'repo', 'r2'), { format: 'q4', cache });
+    expect(b.fromCache).toBe(false);
+    expect((await cache.list()).map((e) => e.revision).sort()).toEqual(['r1', 'r2']);
+    expect(modelCacheKey('repo', 'r1', 'q4')).not.toBe(modelCacheKey('repo', 'r2', 'q4'));
+    expect(modelCacheKey('owner/name', 'main', 'q4')).toMatch(/^[A-Za-z0-9._@-]+$/);
+    a.weights.release();
+    b.weights.release();
+  });
+
+  it('a full store: the model still loads, the error says so, and nothing partial is kept', async () => {
+    const m = syntheticModel({ seed: 37 });
+    const cache = new MemoryModelCache(10_000);
+    const a = await loadLlama(gpu(), memorySource(m.files), { format: 'q4', cache });
+    expect(a.fromCache).toBe(false);
+    expect(a.cacheError).toBeInstanceOf(ModelCacheError);
+    expect(a.cacheError!.message).toMatch(/^Storage full: caching this model needs \d+ MB of browser storage .*Free space or delete cached models/);
+    expect(await cache.list()).toEqual([]);
+    expect(await linearValues(gpu(), a.weights.layers[0]!.q)).toHaveLength(64 * 64);
+    a.weights.release();
+  });
+});
+
+describe('OpfsModelCache (on an in-memory file system)', () => {
+  const gpu = useGpu();
+
+  it('round-trips a model through files and manifest', async () => {
+    const m = syntheticModel({ seed: 41 });
+    const root = new FakeDirectory();
+    const cache = new OpfsModelCache(root);
+    const first = await loadLlama(gpu(), memorySource(m.files), { format: 'q4', cache });
+    expect(first.cacheError).toBeNull();
+    const [manifest] = await cache.list();
+    const dir = root.dirs.get(manifest!.key)!;
+    expect([...dir.files.keys()].sort()).toEqual([...manifest!.files.map((f) => f.name), 'manifest.json'].sort());
+    const second = await loadLlama(gpu(), memorySource({}), { format: 'q4', cache });
+    expect(second.fromCache).toBe(true);
+    await expectSameWeights(gpu(), first, second);
+    await cache.delete(manifest!.key);
+    expect(await cache.list()).toEqual([]);
+    expect(root.bytes()).toBe(0);
+    first.weights.release();
+    second.weights.release();
+  });
+
+  it('QuotaExceededError part-way: a clear error and no entry left', async () => {
+    const m = syntheticModel({ seed: 43 });
+    const quota = new FakeQuota(15_000);
+    const root = new FakeDirectory(quota);
+    const cache = new OpfsModelCache(root);
+    const a = await loadLlama(gpu(), memorySource(m.files), { format: 'q4', cache });
+    expect(a.cacheError).toBeInstanceOf(ModelCacheError);
+    expect(a.cacheError!.message).toMatch(/^Storage full: .*Free space or delete cached models/);
+    expect(quota.filesWritten).toBeGreaterThan(3); // it failed part-way through the entry
+    expect(root.dirs.size).toBe(0);
+    expect(quota.used).toBe(0);
+    expect(await cache.list()).toEqual([]);
+    a.weights.release();
+  });
+
+  it('refuses up front when the storage estimate leaves too little room', async () => {
+    const root = new FakeDirectory();
+    const cache = new OpfsModelCache(root, () => Promise.resolve({ usage: 900, quota: 1000 }));
+    const manifest = { version: 1, key: 'k', files: [{ name: 'a', size: 500 }], bytes: 500 } as unknown as CacheManifest;
+    await expect(cache.put('k', manifest, [{ name: 'a', parts: [new Uint8Array(500)] }])).rejects.toThrow(/^Storage full: caching this model needs 0 MB of browser storage \(0 MB free\)/);
+    expect(root.dirs.size).toBe(0);
+  });
+
+  it('drops entries a closed tab left without a manifest', async () => {
+    const root = new FakeDirectory();
+    await root.getDirectoryHandle('half-written', { create: true });
+    const cache = new OpfsModelCache(root);
+    expect(await cache.get('half-written')).toBeNull();
+    expect(await cache.list()).toEqual([]);
+    expect(root.dirs.size).toBe(0);
+  });
+});
