@@ -241,8 +241,8 @@ export class DroppedFilesSource implements ModelSource {
     return found[0]!;
   }
 
-  has(file: string): Promise<boolean> {
-    return Promise.resolve(this.get(file) !== null);
+  async has(file: string): Promise<boolean> {
+    return this.get(file) !== null;
   }
 
   private need(file: string): File {
@@ -254,8 +254,8 @@ export class DroppedFilesSource implements ModelSource {
     return f;
   }
 
-  open(file: string): Promise<ModelFile> {
-    return Promise.resolve(new BlobSource(this.need(file), file));
+  async open(file: string): Promise<ModelFile> {
+    return new BlobSource(this.need(file), file);
   }
 
   async readText(file: string): Promise<string> {
