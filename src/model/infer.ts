@@ -1,0 +1,442 @@
+/**
+ * Inference-only Llama forward with a KV cache, straight on the kernels: no autodiff
+ * tape, nothing saved for a backward, every scratch tensor handed back to the pool as
+ * soon as its last reader is recorded (later users of a recycled buffer are recorded
+ * after those readers, so the command order keeps them apart).
+ *
+ * Cache layout (dimension letters of src/kernels/DIMENSIONS.md):
+ *   shared prefix, per layer    k, v [P, HK, D]        positions 0 .. P-1, stored once
+ *   per-row cache, per layer    k, v [B, Smax, HK, D]  row b holds positions P .. P+len[b]-1
+ * The shared prefix is the prompt that a group of G answers continues: it is prefilled
+ * once (B = 1) and every decode step reads it once per group of rows (attentionDecode
+ * scores prefix chunks for several rows per workgroup), so G answers cost one prompt's
+ * worth of K/V memory and prefill, not G.
+ *
+ * Decode cost: one step runs every linear layer on B rows at once, so each weight is
+ * read once per step for the whole batch (the 4-bit GEMV serves up to Q4_GEMV_MAX_N = 8
+ * rows per pass over the weights; larger batches use the tiled GEMM). Only the last
+ * position of each prompt goes through the LM head.
+ *
+ * LoRA: for a targeted projection y = x W^T + scale * (x A^T) B^T, with A [R, K] and
+ * B [M, R]; the base weights are never touched, so switching the adapter off (or
+ * passing null) gives the reference policy.
+ */
+import type { Gpu } from '../gpu/gpu';
+import type { Tensor } from '../gpu/tensor';
+import { attentionDecode, attentionForward, kvCacheWrite } from '../kernels/attention';
+import { addInPlace, swigluForward } from '../kernels/elementwise';
+import { embeddingForward, embeddingForwardF32 } from '../kernels/embedding';
+import { matmul } from '../kernels/matmul';
+import { rmsnormForward } from '../kernels/rmsnorm';
+import { ropeForward } from '../kernels/rope';
+import type { LayerWeights, LlamaWeights } from './weights';
+
+/** The LayerWeights fields LoRA can adapt. */
+export type ProjectionName = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down';
+
+/** One adapted projection: A [R, K], B [M, R] (PEFT's lora_A / lora_B), f32. */
+export interface LoraFactors {
+  A: Tensor;
+  B: Tensor;
+  scale: number;
+}
+
+/** What inference needs of a LoRA adapter: per layer, the adapted projections. */
+export interface InferenceLora {
+  /** false runs the base model (the reference policy) */
+  enabled: boolean;
+  layers: ReadonlyArray<Partial<Record<ProjectionName, LoraFactors>>>;
+}
+
+/**
+ * Key/value cache for B rows of up to Smax own positions each, after an optional
+ * shared prefix. `lengths[b]` counts row b's own entries (not the prefix); the host
+ * keeps it, and each decode step uploads what the kernels need.
+ */
+export class KvCache {
+  readonly L: number;
+  readonly HK: number;
+  readonly D: number;
+  /** per layer [B, Smax, HK, D] */
+  readonly k: Tensor[] = [];
+  readonly v: Tensor[] = [];
+  /** own entries per row */
+  readonly lengths: number[];
+  /** per layer [P, HK, D], or null */
+  prefix: { k: Tensor[]; v: Tensor[]; P: number } | null = null;
+  private released = false;
+
+  constructor(
+    readonly gpu: Gpu,
+    config: LlamaWeights['config'],
+    readonly B: number,
+    readonly Smax: number,
+  ) {
+    if (!(Number.isInteger(B) && B >= 1)) throw new Error(`KvCache: B must be a positive integer, got ${B}`);
+    if (!(Number.isInteger(Smax) && Smax >= 1)) throw new Error(`KvCache: Smax must be a positive integer, got ${Smax}`);
+    this.L = config.numLayers;
+    this.HK = config.numKvHeads;
+    this.D = config.headDim;
+    for (let l = 0; l < this.L; l++) {
+      this.k.push(gpu.empty([B, Smax, this.HK, this.D], 'f32', `kv-cache.k.${l}`));
+      this.v.push(gpu.empty([B, Smax, this.HK, this.D], 'f32', `kv-cache.v.${l}`));
+    }
+    this.lengths = new Array<number>(B).fill(0);
+  }
+
+  /** Length of the shared prefix (0 without one). */
+  get P(): number {
+    return this.prefix?.P ?? 0;
+  }
+
+  /** GPU bytes of the per-row cache plus the prefix. */
+  get bytes(): number {
+    const row = this.HK * this.D * 4;
+    return 2 * this.L * row * (this.B * this.Smax + this.P);
+  }
+
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    for (const t of [...this.k, ...this.v, ...(this.prefix?.k ?? []), ...(this.prefix?.v ?? [])]) t.release();
+    this.prefix = null;
+  }
+}
+
+/** Bytes a KvCache of B rows x Smax positions and a P-token shared prefix occupies. */
+export function kvCacheBytes(config: LlamaWeights['config'], B: number, Smax: number, P = 0): number {
+  return 2 * config.numLayers * config.numKvHeads * config.headDim * 4 * (B * Smax + P);
+}
+
+// ---- building blocks -------------------------------------------------------------
+
+type LayerLora = Partial<Record<ProjectionName, LoraFactors>>;
+
+/** The adapter's per-layer factors for one pass, read once (null when off or absent). */
+function passLora(lora: InferenceLora | null): ReadonlyArray<LayerLora> | null {
+  return lora && lora.enabled ? lora.layers : null;
+}
+
+/** out [N, M] = x [N, K] W^T (+ scale (x A^T) B^T when adapted). */
+function linear(gpu: Gpu, out: Tensor, x: Tensor, N: number, layer: LayerWeights, proj: ProjectionName, lora: LayerLora | null): void {
+  const W = layer[proj];
+  W.logits(gpu, out, x, N, 0, W.V);
+  const f = lora?.[proj];
+  if (!f) return;
+  const R = f.A.shape[0]!;
+  const u = gpu.empty([N, R], 'f32', 'lora-u');
+  matmul(gpu, u, x, f.A, N, R, W.C, { transB: true });
+  matmul(gpu, out, u, f.B, N, W.V, R, { transB: true, alpha: f.scale, accumulate: true });
+  u.release();
+}
+
+function embed(gpu: Gpu, out: Tensor, ids: Tensor, w: LlamaWeights, N: number): void {
+  if (w.embed.format === 'q4') embeddingForward(gpu, out, ids, w.embed.table, N);
+  else embeddingForwardF32(gpu, out, ids, w.embed.table, N, w.config.hiddenSize);
+}
+
+/**
+ * Attention of one layer: receives the roped q [N, H, D] and k, v [N, HK, D] and must
+ * write att [N, H, D]. It owns k and v (keeps them as cache or releases them).
+ */
+type Attend = (l: number, att: Tensor, q: Tensor, k: Tensor, v: Tensor) => void;
+
+/** x [N, C] += one decoder layer (attention and MLP blocks, pre-norm). */
+function decoderLayer(gpu: Gpu, w: LlamaWeights, l: number, lora: ReadonlyArray<LayerLora> | null, x: Tensor, positions: Tensor, N: number, attend: Attend): void {
+  const { hiddenSize: C, intermediateSize: F, numHeads: H, numKvHeads: HK, headDim: D, rmsNormEps: eps } = w.config;
+  const layer = w.layers[l]!;
+  const ad = lora?.[l] ?? null;
+
+  const rstd = gpu.empty([N], 'f32', 'rstd');
+  const h = gpu.empty([N, C], 'f32', 'h');
+  rmsnormForward(gpu, h, rstd, x, layer.inputNorm, N, C, eps);
+  const q = gpu.empty([N, H, D], 'f32', 'q');
+  const k = gpu.empty([N, HK, D], 'f32', 'k');
+  const v = gpu.empty([N, HK, D], 'f32', 'v');
+  linear(gpu, q, h, N, layer, 'q', ad);
+  linear(gpu, k, h, N, layer, 'k', ad);
+  linear(gpu, v, h, N, layer, 'v', ad);
+  h.release();
+  ropeForward(gpu, q, q, w.invFreq, positions, N, H, D);
+  ropeForward(gpu, k, k, w.invFreq, positions, N, HK, D);
+  const att = gpu.empty([N, H, D], 'f32', 'att');
+  attend(l, att, q, k, v);
+  q.release();
+  const o = gpu.empty([N, C], 'f32', 'o');
+  linear(gpu, o, att, N, layer, 'o', ad);
+  att.release();
+  addInPlace(gpu, x, o, N * C);
+  o.release();
+
+  const h2 = gpu.empty([N, C], 'f32', 'h2');
+  rmsnormForward(gpu, h2, rstd, x, layer.postNorm, N, C, eps);
+  rstd.release();
+  const gate = gpu.empty([N, F], 'f32', 'gate');
+  const up = gpu.empty([N, F], 'f32', 'up');
+  linear(gpu, gate, h2, N, layer, 'gate', ad);
+  linear(gpu, up, h2, N, layer, 'up', ad);
+  h2.release();
+  const act = gpu.empty([N, F], 'f32', 'act');
+  swigluForward(gpu, act, gate, up, N * F);
+  gate.release();
+  up.release();
+  const down = gpu.empty([N, C], 'f32', 'down');
+  linear(gpu, down, act, N, layer, 'down', ad);
+  act.release();
+  addInPlace(gpu, x, down, N * C);
+  down.release();
+}
+
+/** logits [R, V] of the hidden rows `rows` of x [N, C] (final norm, then the LM head on those rows only). */
+function lastLogits(gpu: Gpu, w: LlamaWeights, x: Tensor, rows: readonly number[]): Tensor {
+  const C = w.config.hiddenSize;
+  const R = rows.length;
+  let picked = x;
+  if (!(rows.length === x.size / C && rows.every((r, i) => r === i))) {
+    picked = gpu.empty([R, C], 'f32', 'last-hidden');
+    rows.forEach((r, i) => gpu.copy(x, picked, C * 4, r * C * 4, i * C * 4));
+  }
+  const rstd = gpu.empty([R], 'f32', 'rstd');
+  const hn = gpu.empty([R, C], 'f32', 'final-norm');
+  rmsnormForward(gpu, hn, rstd, picked, w.finalNorm, R, C, w.config.rmsNormEps);
+  rstd.release();
+  if (picked !== x) picked.release();
+  const V = w.lmHead.V;
+  const logits = gpu.empty([R, V], 'f32', 'logits');
+  w.lmHead.logits(gpu, logits, hn, R, 0, V);
+  hn.release();
+  return logits;
+}
+
+function checkIds(ids: readonly number[], V: number, what: string): void {
+  for (const id of ids) {
+    if (!(Number.isInteger(id) && id >= 0 && id < V)) throw new Error(`${what}: token id ${id} is not in [0, ${V})`);
+  }
+}
+
+// ---- prefill -------------------------------------------------------------------
+
+/** One layer's shared prefix, k and v [P, HK, D]. */
+interface LayerPrefix {
+  k: Tensor;
+  v: Tensor;
+  P: number;
+}
+
+interface Segment {
+  /** first token in the flattened pass */
+  start: number;
+  T: number;
+}
+
+/**
+ * Causal attention of each segment's queries over the shared prefix (if any) and the
+ * segment's own keys. Segments are independent sequences laid end to end in q, k, v.
+ */
+function segmentAttention(gpu: Gpu, att: Tensor, q: Tensor, k: Tensor, v: Tensor, segs: readonly Segment[], prefix: LayerPrefix | null, H: number, HK: number, D: number): void {
+  const P = prefix?.P ?? 0;
+  const T0 = segs[0]!.T;
+  if (P === 0 && segs.every((s) => s.T === T0)) {
+    // Equal lengths, nothing before them: the flat tensors already are [B, T, ., D].
+    const lse = gpu.empty([segs.length, H, T0], 'f32', 'lse');
+    attentionForward(gpu, att, lse, q, k, v, segs.length, T0, T0, H, HK, D);
+    lse.release();
+    return;
+  }
+  const qRow = H * D * 4;
+  const kvRow = HK * D * 4;
+  for (const s of segs) {
+    const S = P + s.T;
+    const kAll = gpu.empty([S, HK, D], 'f32', 'k-all');
+    const vAll = gpu.empty([S, HK, D], 'f32', 'v-all');
+    if (prefix && P > 0) {
+      gpu.copy(prefix.k, kAll, P * kvRow, 0, 0);
+      gpu.copy(prefix.v, vAll, P * kvRow, 0, 0);
+    }
+    gpu.copy(k, kAll, s.T * kvRow, s.start * kvRow, P * kvRow);
+    gpu.copy(v, vAll, s.T * kvRow, s.start * kvRow, P * kvRow);
+    const single = segs.length === 1;
+    const qs = single ? q : gpu.empty([s.T, H, D], 'f32', 'q-seg');
+    const out = single ? att : gpu.empty([s.T, H, D], 'f32', 'att-seg');
+    if (!single) gpu.copy(q, qs, s.T * qRow, s.start * qRow, 0);
+    const lse = gpu.empty([1, H, s.T], 'f32', 'lse');
+    attentionForward(gpu, out, lse, qs, kAll, vAll, 1, s.T, S, H, HK, D);
+    lse.release();
+    kAll.release();
+    vAll.release();
+    if (!single) {
+      gpu.copy(out, att, s.T * qRow, 0, s.start * qRow);
+      qs.release();
+      out.release();
+    }
+  }
+}
+
+function uploadU32(gpu: Gpu, values: readonly number[], label: string): Tensor {
+  return gpu.upload(Uint32Array.from(values), [values.length], 'u32', label);
+}
+
+/**
+ * Runs the prompt that every row of the cache continues (B = 1) and stores its K/V
+ * once as the cache's shared prefix. Returns the last position's logits [1, V].
+ * The cache must be empty (no prefix, every row length 0).
+ */
+export function prefillShared(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null, ids: readonly number[], cache: KvCache): Tensor;
+/** With {logits: false} the LM head is skipped (the prompts continue past the prefix). */
+export function prefillShared(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null, ids: readonly number[], cache: KvCache, opts: { logits: false }): null;
+export function prefillShared(
+  gpu: Gpu,
+  w: LlamaWeights,
+  lora: InferenceLora | null,
+  ids: readonly number[],
+  cache: KvCache,
+  opts: { logits?: boolean } = {},
+): Tensor | null {
+  const logits = opts.logits ?? true;
+  if (cache.prefix) throw new Error('prefillShared: the cache already holds a shared prefix');
+  if (cache.lengths.some((n) => n > 0)) throw new Error('prefillShared: the cache rows must be empty (the prefix comes first)');
+  const T = ids.length;
+  if (T === 0) throw new Error('prefillShared: empty prompt');
+  checkIds(ids, w.config.vocabSize, 'prefillShared');
+  const { hiddenSize: C, numHeads: H, numKvHeads: HK, headDim: D } = w.config;
+  const idsT = uploadU32(gpu, ids, 'prompt-ids');
+  const posT = uploadU32(gpu, ids.map((_, t) => t), 'prompt-positions');
+  const x = gpu.empty([T, C], 'f32', 'x');
+  embed(gpu, x, idsT, w, T);
+  idsT.release();
+  const prefix = { k: [] as Tensor[], v: [] as Tensor[], P: T };
+  const ad = passLora(lora);
+  for (let l = 0; l < w.config.numLayers; l++) {
+    decoderLayer(gpu, w, l, ad, x, posT, T, (_l, att, q, k, v) => {
+      const lse = gpu.empty([1, H, T], 'f32', 'lse');
+      attentionForward(gpu, att, lse, q, k, v, 1, T, T, H, HK, D);
+      lse.release();
+      // The roped keys and the values of the prompt are the prefix as they stand.
+      prefix.k.push(k);
+      prefix.v.push(v);
+    });
+  }
+  posT.release();
+  cache.prefix = prefix;
+  const out = logits ? lastLogits(gpu, w, x, [T - 1]) : null;
+  x.release();
+  return out;
+}
+
+/**
+ * Runs prompts[i] after the cache's shared prefix (if any; positions continue from
+ * P) and stores its K/V in every cache row of rows[i] (default: row i), whose lengths
+ * must be 0. All prompts go through the token-wise layers as one batch of
+ * sum(len) tokens; only attention runs per prompt. Returns each prompt's last-position
+ * logits [prompts.length, V].
+ */
+export function prefill(
+  gpu: Gpu,
+  w: LlamaWeights,
+  lora: InferenceLora | null,
+  prompts: readonly (readonly number[])[],
+  cache: KvCache,
+  rows: readonly (readonly number[])[] = prompts.map((_, i) => [i]),
+): Tensor {
+  const nP = prompts.length;
+  if (nP === 0) throw new Error('prefill: no prompts');
+  if (rows.length !== nP) throw new Error(`prefill: ${nP} prompts but ${rows.length} row lists`);
+  const seen = new Set<number>();
+  for (const list of rows) {
+    for (const r of list) {
+      if (!(Number.isInteger(r) && r >= 0 && r < cache.B)) throw new Error(`prefill: row ${r} is not in [0, ${cache.B})`);
+      if (seen.has(r)) throw new Error(`prefill: row ${r} is listed twice`);
+      if (cache.lengths[r] !== 0) throw new Error(`prefill: cache row ${r} is not empty`);
+      seen.add(r);
+    }
+  }
+  const segs: Segment[] = [];
+  let N = 0;
+  for (const p of prompts) {
+    if (p.length === 0) throw new Error('prefill: empty prompt (a prompt equal to the shared prefix needs no prefill)');
+    if (p.length > cache.Smax) throw new Error(`prefill: prompt of ${p.length} tokens exceeds the cache's ${cache.Smax} positions per row`);
+    checkIds(p, w.config.vocabSize, 'prefill');
+    segs.push({ start: N, T: p.length });
+    N += p.length;
+  }
+  const { hiddenSize: C, numHeads: H, numKvHeads: HK, headDim: D } = w.config;
+  const P = cache.P;
+  const flat = prompts.flatMap((p) => [...p]);
+  const idsT = uploadU32(gpu, flat, 'prompt-ids');
+  const posT = uploadU32(gpu, prompts.flatMap((p) => p.map((_, t) => P + t)), 'prompt-positions');
+  const x = gpu.empty([N, C], 'f32', 'x');
+  embed(gpu, x, idsT, w, N);
+  idsT.release();
+  const kvRow = HK * D * 4;
+  const rowBytes = cache.Smax * kvRow;
+  const ad = passLora(lora);
+  for (let l = 0; l < w.config.numLayers; l++) {
+    decoderLayer(gpu, w, l, ad, x, posT, N, (l, att, q, k, v) => {
+      const prefix = cache.prefix ? { k: cache.prefix.k[l]!, v: cache.prefix.v[l]!, P } : null;
+      segmentAttention(gpu, att, q, k, v, segs, prefix, H, HK, D);
+      segs.forEach((s, i) => {
+        for (const r of rows[i]!) {
+          gpu.copy(k, cache.k[l]!, s.T * kvRow, s.start * kvRow, r * rowBytes);
+          gpu.copy(v, cache.v[l]!, s.T * kvRow, s.start * kvRow, r * rowBytes);
+        }
+      });
+      k.release();
+      v.release();
+    });
+  }
+  posT.release();
+  segs.forEach((s, i) => {
+    for (const r of rows[i]!) cache.lengths[r] = s.T;
+  });
+  const logits = lastLogits(gpu, w, x, segs.map((s) => s.start + s.T - 1));
+  x.release();
+  return logits;
+}
+
+// ---- decode --------------------------------------------------------------------
+
+/**
+ * One new token per cache row: ids (u32 GPU tensor [B], e.g. the sampler's output, so
+ * no host round trip) at positions P + lengths[b]. Appends each row's K/V and returns
+ * logits [B, V]. Rows with active[b] false still run (a batch keeps its shape) but
+ * their lengths do not advance, so their cache is left as it was.
+ *
+ * The three small per-row vectors (positions, write offsets, attention lengths) are
+ * uploaded before anything is recorded, so the uploads never split a command buffer.
+ */
+export function decodeStep(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null, ids: Tensor, cache: KvCache, active?: readonly boolean[]): Tensor {
+  const B = cache.B;
+  if (ids.dtype !== 'u32' || ids.size < B) throw new Error(`decodeStep: ids must be u32 [${B}], got ${ids}`);
+  if (active && active.length !== B) throw new Error(`decodeStep: active has ${active.length} entries for ${B} rows`);
+  const isActive = (b: number) => !active || active[b]!;
+  const P = cache.P;
+  for (let b = 0; b < B; b++) {
+    if (isActive(b) && cache.lengths[b]! >= cache.Smax) throw new Error(`decodeStep: cache row ${b} is full (${cache.Smax} positions)`);
+  }
+  const { hiddenSize: C, numHeads: H, numKvHeads: HK, headDim: D } = w.config;
+  const len = cache.lengths;
+  const posT = uploadU32(gpu, len.map((n) => P + n), 'decode-positions');
+  const offT = uploadU32(gpu, len, 'decode-offsets');
+  const lenT = uploadU32(gpu, len.map((n) => Math.min(n + 1, cache.Smax)), 'decode-lengths');
+  const maxLength = Math.min(cache.Smax, Math.max(...len) + 1);
+
+  const x = gpu.empty([B, C], 'f32', 'x');
+  embed(gpu, x, ids, w, B);
+  const ad = passLora(lora);
+  for (let l = 0; l < w.config.numLayers; l++) {
+    decoderLayer(gpu, w, l, ad, x, posT, B, (l, att, q, k, v) => {
+      kvCacheWrite(gpu, cache.k[l]!, cache.v[l]!, k, v, offT, B, 1, cache.Smax, HK, D);
+      k.release();
+      v.release();
+      const prefix = cache.prefix ? { k: cache.prefix.k[l]!, v: cache.prefix.v[l]!, P } : null;
+      attentionDecode(gpu, att, q, cache.k[l]!, cache.v[l]!, lenT, prefix, B, cache.Smax, H, HK, D, { maxLength });
+    });
+  }
+  posT.release();
+  offT.release();
+  lenT.release();
+  for (let b = 0; b < B; b++) if (isActive(b)) len[b] = len[b]! + 1;
+  const logits = lastLogits(gpu, w, x, Array.from({ length: B }, (_, b) => b));
+  x.release();
+  return logits;
+}
