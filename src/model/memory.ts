@@ -17,7 +17,12 @@
  *                 after RoPE, attention output and its lse [N, H], the [N, F] gate, up and
  *                 SwiGLU tensors, LoRA intermediates [N, R]) and that layer's backward
  *                 working set (three [N, F] or attention gradients, plus [N, C] ones)
- *   lmHeadScratch the [N, chunk] logits chunk of the fused LM head (lmHeadScratchBytes)
+ *   lmHeadScratch the [N, chunk] logits chunk of the fused LM head (lmHeadScratchBytes);
+ *                 it exists only while the head runs, so training's peak is the larger of
+ *                 the activations and the head's scratch with what the whole step keeps
+ *
+ * Checked against the pool's measured peak for a small model (the training figure
+ * within a few percent, LoRA and optimizer exactly).
  *
  * Generation and training never overlap: the total is the persistent part (weights,
  * LoRA, optimizer) plus the larger of the two phases, assuming the buffer pool is
@@ -77,6 +82,8 @@ export interface MemoryPlan {
   generationScratch: number;
   activations: number;
   lmHeadScratch: number;
+  /** training's peak: the activations, or the LM head's scratch with what the step keeps, whichever is larger */
+  trainingPeak: number;
   /** persistent + the larger phase */
   total: number;
   /** persistent + both phases (when the pool keeps freed buffers between phases) */
@@ -188,37 +195,44 @@ function generationBuffers(config: LlamaConfig, run: RunShape): { kv: Buffers[];
   return { kv, scratch };
 }
 
-function trainingBuffers(config: LlamaConfig, run: RunShape, N: number): Buffers[] {
+/**
+ * Training buffers in three groups: the whole step's (`step`), the peak inside one
+ * layer's recomputation and backward (`layer`), and the LM head's backward (`head`,
+ * besides its chunk scratch). The two peaks do not overlap.
+ */
+function trainingBuffers(config: LlamaConfig, run: RunShape, N: number): { step: Buffers[]; layer: Buffers[]; head: Buffers[] } {
   const { numLayers: L, hiddenSize: C, intermediateSize: F, numHeads: H, numKvHeads: HK, headDim: D } = config;
   const R = run.loraRank > 0 ? run.loraRank : 0;
   const adapted = R > 0 ? new Set(run.loraTargets).size : 0;
   const NC = N * C * F32;
-  const NF = N * F * F32;
   const attnBack = 3 * H * D + 3 * HK * D + H;
   const mlpBack = 3 * F;
-  return [
-    // Whole step
+  const step: Buffers[] = [
     { what: `token ids, positions, targets [${N}]`, bytes: N * 4, count: 3 },
     { what: `checkpointed layer inputs [${N}, ${C}] (embedding output, each layer's output)`, bytes: NC, count: L + 1 },
-    { what: `final norm output [${N}, ${C}] and its gradient`, bytes: NC, count: 2 },
-    { what: `log-probs, entropy, lse, their gradient, norm statistics [${N}]`, bytes: N * F32, count: 5 },
-    { what: `residual gradients in flight [${N}, ${C}]`, bytes: NC, count: 2 },
-    // One layer, recomputed under the backward's tape
-    { what: `layer norm outputs, attention and MLP projections, residual sums [${N}, ${C}]`, bytes: NC, count: 5 },
+    { what: `final norm output [${N}, ${C}]`, bytes: NC, count: 1 },
+    { what: `log-probs, lse, entropy, their gradient, norm statistics [${N}]`, bytes: N * F32, count: 5 },
+  ];
+  const layer: Buffers[] = [
+    { what: `residual gradient [${N}, ${C}]`, bytes: NC, count: 1 },
+    // One layer recomputed under the backward's tape: every output and what its backward saves.
+    { what: `layer norm outputs, projections, residual sums [${N}, ${C}]`, bytes: NC, count: 6 },
     { what: `q before and after RoPE, attention output [${N}, ${H * D}]`, bytes: N * H * D * F32, count: 3 },
     { what: `k before and after RoPE, v [${N}, ${HK * D}]`, bytes: N * HK * D * F32, count: 3 },
-    { what: `attention lse [${N}, ${H}] and norm statistics`, bytes: N * H * F32, count: 1 },
-    { what: `MLP gate, up, SwiGLU [${N}, ${F}]`, bytes: NF, count: 3 },
+    { what: `attention lse [${N}, ${H}]`, bytes: N * H * F32, count: 1 },
+    { what: `MLP gate, up, SwiGLU [${N}, ${F}]`, bytes: N * F * F32, count: 3 },
     { what: `LoRA intermediates x A^T [${N}, ${R}]`, bytes: N * R * F32, count: adapted },
-    // That layer's backward: the MLP gradients or the attention gradients, whichever is larger
+    // Its backward at the widest point: the MLP gradients (or the attention ones, if larger).
     {
       what: mlpBack >= attnBack ? `MLP gradients [${N}, ${F}]` : `attention gradients [${N}, ${H * D}]`,
       bytes: (mlpBack >= attnBack ? N * F : N * H * D) * F32,
       count: 3,
     },
-    { what: `layer input gradients [${N}, ${C}]`, bytes: NC, count: 3 },
+    { what: `layer gradient [${N}, ${C}]`, bytes: NC, count: 1 },
     { what: `LoRA intermediate gradient [${N}, ${R}]`, bytes: N * R * F32, count: adapted > 0 ? 1 : 0 },
   ];
+  const head: Buffers[] = [{ what: `LM head input gradient [${N}, ${C}]`, bytes: NC, count: 1 }];
+  return { step, layer, head };
 }
 
 /** The LM head's chunk logits for N rows on a device with these limits (the kernel's own rule). */
@@ -243,6 +257,7 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
   const { params, optimizer } = loraBuffers(config, run);
   const { kv, scratch } = generationBuffers(config, run);
   const train = trainingBuffers(config, run, N);
+  const trainAll = [...train.step, ...train.layer, ...train.head];
   const headScratch = lmHeadScratch(limits, N, config.vocabSize);
   const headBuffer: Buffers = { what: `LM head logits chunk for ${N} rows`, bytes: headScratch, count: 1 };
 
@@ -251,20 +266,21 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
   const opt = sum(optimizer);
   const kvCache = sum(kv);
   const generationScratch = sum(scratch);
-  const activations = sum(train);
+  const activations = sum(train.step) + sum(train.layer);
   const lmHeadScratchB = allocatedBytes(headScratch);
   const persistent = weights + lora + opt;
   const generation = kvCache + generationScratch;
-  const training = activations + lmHeadScratchB;
+  // The LM head's scratch lives only while the head runs, before the layers' backward.
+  const training = Math.max(activations, sum(train.step) + sum(train.head) + lmHeadScratchB);
   const total = persistent + Math.max(generation, training);
 
   // The loader stages one tensor's raw rows (at most 256 MiB) while quantizing it.
   const largestRaw = Math.max(...[...llamaTensorShapes(config).values()].map((s) => s.reduce((a, b) => a * b, 2)));
   const loadPeak = weights + allocatedBytes(Math.min(largestRaw, 256 * MiB, bufferLimit));
 
-  const big = largest([...w, ...params, ...optimizer, ...kv, ...scratch, ...train, headBuffer])!;
+  const big = largest([...w, ...params, ...optimizer, ...kv, ...scratch, ...trainAll, headBuffer])!;
   const problems: MemoryProblem[] = [];
-  for (const b of [...w, ...kv, ...scratch, ...train, headBuffer]) {
+  for (const b of [...w, ...kv, ...scratch, ...trainAll, headBuffer]) {
     if (b.count === 0 || b.bytes <= bufferLimit) continue;
     const isWeight = w.includes(b);
     const isGen = kv.includes(b) || scratch.includes(b);
@@ -313,6 +329,7 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
     generationScratch,
     activations,
     lmHeadScratch: lmHeadScratchB,
+    trainingPeak: training,
     total,
     untrimmedTotal: persistent + generation + training,
     peakPhase: generation >= training ? 'generation' : 'training',
@@ -333,10 +350,12 @@ export function formatMemoryPlan(plan: MemoryPlan): string[] {
     ['generation scratch', plan.generationScratch],
     [`activations (training, N=${plan.trainTokensPerStep})`, plan.activations],
     ['LM head chunk scratch', plan.lmHeadScratch],
+    ['training peak', plan.trainingPeak],
     [`total (peak: ${plan.peakPhase})`, plan.total],
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   const lines = rows.map(([k, v]) => `${k.padEnd(width)}  ${(v / MiB).toFixed(1).padStart(9)} MiB  ${(v / 1e9).toFixed(3).padStart(7)} GB`);
+  lines.push(`(${mb(plan.untrimmedTotal)} if the pool keeps generation's buffers while training; ${mb(plan.loadPeak)} while loading)`);
   lines.push(`largest buffer: ${mb(plan.largestBuffer.bytes)} (${plan.largestBuffer.what})`);
   for (const p of plan.problems) lines.push(`problem: ${p.message} ${p.fix}`);
   return lines;

@@ -1,5 +1,6 @@
 /** Model sources and checkpoints built in memory for the loader, cache and tokenizer tests. */
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { FormatError, parseJsonInput } from '../../src/formats/errors';
 import { MemorySource, f32ToBf16, writeSafetensors, type SafetensorsDType, type TensorToWrite } from '../../src/formats/safetensors';
 import type { Gpu } from '../../src/gpu/gpu';
@@ -8,7 +9,7 @@ import type { ModelFile, ModelSource } from '../../src/model/source';
 import { f32ToF16 } from '../../src/gpu/gpu';
 import { Rng } from './numeric';
 
-export const ROOT = join(__dirname, '..', '..');
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const TINY_DIR = join(ROOT, 'models', 'tiny-llama');
 
 /** Every call a source received, and the largest single read it answered. */
