@@ -37,6 +37,7 @@ import { quantizeQ4, type Q4SourceType } from '../kernels/quantize';
 import { ropeInvFreq } from '../kernels/rope';
 import {
   CACHE_FORMAT_VERSION,
+  ModelCacheError,
   cachedModelSource,
   modelCacheKey,
   tensorFiles,
@@ -116,11 +117,22 @@ export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOpti
   const zeros = options.q4Zeros ?? true;
   const cacheFormat = format === 'q4' && !zeros ? 'q4-symmetric' : format;
   const key = modelCacheKey(source.name, source.revision, cacheFormat);
+  let cacheError: Error | null = null;
   if (options.cache) {
     const entry = await options.cache.get(key);
-    if (entry) return loadFromCache(gpu, entry, options);
+    if (entry) {
+      try {
+        return await loadFromCache(gpu, entry, options);
+      } catch (e) {
+        // A damaged entry is dropped and the model loads from its source instead.
+        if (!(e instanceof FormatError || e instanceof ModelCacheError)) throw e;
+        cacheError = e;
+        await options.cache.delete(key);
+      }
+    }
   }
   const { model, byName } = await loadFromSource(gpu, source, options);
+  model.cacheError = cacheError;
   if (options.cache) {
     try {
       await storeInCache(gpu, options.cache, key, cacheFormat, source, byName, options);
@@ -260,8 +272,8 @@ async function* readRows(
   const { info, file } = t;
   const totalRows = info.shape[0] ?? 1;
   const rowBytes = info.byteLength / totalRows;
-  let per = Math.max(1, Math.floor(maxBytes / rowBytes));
-  if (per > rowAlign) per -= per % rowAlign;
+  const fit = Math.max(1, Math.floor(maxBytes / rowBytes));
+  const per = Math.max(rowAlign, fit - (fit % rowAlign));
   for (let r = rowStart; r < rowStart + rowCount; r += per) {
     const rows = Math.min(per, rowStart + rowCount - r);
     const length = rows * rowBytes;
@@ -335,13 +347,17 @@ class Loader {
     return { M, K, nb, shards };
   }
 
-  /** An f32 tensor of `shape`, refusing clearly when the device cannot hold it in one buffer. */
-  allocF32(shape: number[], label: string): Tensor {
+  /** Refuses clearly when the device cannot hold an f32 tensor of `shape` in one buffer. */
+  checkF32(shape: readonly number[], label: string): void {
     const bytes = shape.reduce((a, b) => a * b, 4);
     const limit = Math.min(this.gpu.caps.maxBufferSize, this.gpu.caps.maxStorageBufferBindingSize);
     if (bytes > limit) {
       throw new Error(`${label}: format "f32" needs ${bytes} bytes in one buffer but this device allows ${limit}; load the model with format "q4".`);
     }
+  }
+
+  allocF32(shape: number[], label: string): Tensor {
+    this.checkF32(shape, label);
     return this.own(this.gpu.empty(shape, 'f32', label));
   }
 }
@@ -503,6 +519,9 @@ async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOption
   try {
     const unusedTensors = checkCheckpoint(config, ckpt);
     const needed = [...llamaTensorShapes(config).keys()].map((name) => [name, ckpt.tensors.get(name)!] as const);
+    for (const [name, t] of needed) {
+      if (!(options.format === 'q4' && isQuantizedTensor(name))) ld.checkF32(t.info.shape, name);
+    }
     // File order, then data order: sequential reads from disk or the network.
     const fileOrder = new Map(ckpt.files.map((f, i) => [f.name, i]));
     needed.sort(([, a], [, b]) => fileOrder.get(a.file.name)! - fileOrder.get(b.file.name)! || a.info.begin - b.info.begin);

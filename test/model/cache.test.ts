@@ -6,7 +6,9 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { downloadQ4 } from '../../src/kernels/q4-layout';
-import { MemoryModelCache, ModelCacheError, OpfsModelCache, modelCacheKey, type CacheManifest } from '../../src/model/cache';
+import { MemoryModelCache, ModelCacheError, OpfsModelCache, modelCacheKey, type CacheManifest, type ModelCache } from '../../src/model/cache';
+import { FormatError } from '../../src/formats/errors';
+import { MemorySource } from '../../src/formats/safetensors';
 import { loadLlama, type LoadedModel } from '../../src/model/load';
 import { openModelDir } from '../../src/model/node-source';
 import { loadTokenizer } from '../../src/model/tokenizer';
@@ -118,6 +120,40 @@ describe('loadLlama with a model cache', () => {
     expect(await cache.list()).toEqual([]);
     expect(await linearValues(gpu(), a.weights.layers[0]!.q)).toHaveLength(64 * 64);
     a.weights.release();
+  });
+});
+
+describe('a damaged cache entry', () => {
+  const gpu = useGpu();
+
+  it('is dropped, and the model loads from its source and is stored again', async () => {
+    const m = syntheticModel({ seed: 47 });
+    const cache = new MemoryModelCache();
+    const good = await loadLlama(gpu(), memorySource(m.files), { format: 'q4', cache });
+    // Every cached tensor file now reads one byte short.
+    const damaged: ModelCache = {
+      ...cache,
+      list: () => cache.list(),
+      put: (k, man, files) => cache.put(k, man, files),
+      delete: (k) => cache.delete(k),
+      get: async (k) => {
+        const e = await cache.get(k);
+        return e && { manifest: e.manifest, open: async (f) => {
+          const src = await e.open(f);
+          return f.endsWith('.json') ? src : new MemorySource(await src.read(0, src.size - 1), f);
+        } };
+      },
+    };
+    const { source, log } = countingSource(memorySource(m.files));
+    const again = await loadLlama(gpu(), source, { format: 'q4', cache: damaged });
+    expect(again.fromCache).toBe(false);
+    expect(again.cacheError).toBeInstanceOf(FormatError);
+    expect(again.cacheError!.message).toMatch(/holds \d+ bytes, expected \d+\. Delete the cached model/);
+    expect(log.reads).toBeGreaterThan(0);
+    expect(await cache.list()).toHaveLength(1);
+    await expectSameWeights(gpu(), good, again);
+    good.weights.release();
+    again.weights.release();
   });
 });
 

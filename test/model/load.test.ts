@@ -282,6 +282,16 @@ describe('loadLlama rejects bad checkpoints before uploading anything', () => {
     await expectRejected({ ...noWeights, 'pytorch_model.bin': new Uint8Array(8) }, /^memory-model: holds neither model\.safetensors nor model\.safetensors\.index\.json\. The lab reads safetensors weights/);
   });
 
+  it('format f32 larger than one device buffer: refused before any upload', async () => {
+    const caps = { ...gpu().caps, maxBufferSize: 20_000 };
+    const limited = Object.create(gpu(), { caps: { value: caps } }) as typeof gpu extends () => infer G ? G : never;
+    const before = gpu().stats().inUseBytes;
+    await expect(loadLlama(limited, memorySource(m.files), { format: 'f32' })).rejects.toThrow(
+      /^model\.embed_tokens\.weight: format "f32" needs 76800 bytes in one buffer but this device allows 20000; load the model with format "q4"\.$/,
+    );
+    expect(gpu().stats().inUseBytes).toBe(before);
+  });
+
   it('a read failing half-way releases every buffer already uploaded', async () => {
     const inner = memorySource(m.files);
     let reads = 0;
