@@ -4,9 +4,10 @@
  * Timings are the median of several repetitions, each a batch of calls ended by one
  * queue drain, so submit overhead is amortised the way a real decode loop amortises it.
  */
-import type { Gpu } from '../src/gpu/gpu';
+import { f32ToF16, type Gpu } from '../src/gpu/gpu';
 import { Params } from '../src/gpu/params';
 import type { Tensor } from '../src/gpu/tensor';
+import { Q4_BLOCK_BYTES, q4Blocks, uploadQ4, type Q4Weight } from '../src/kernels/q4-layout';
 import { WG_LINEAR, grid, kernelCache } from '../src/kernels/wgsl';
 
 const copyKernel = kernelCache(() => ({
@@ -104,3 +105,21 @@ export function parseFlags(argv: string[]): Map<string, string> {
   }
   return flags;
 }
+
+/** A random 4-bit weight (valid scales, random nibbles): speed does not depend on values. */
+export function randomQ4(gpu: Gpu, M: number, K: number): Q4Weight {
+  const nb = q4Blocks(K);
+  const qweight = new Uint8Array(M * nb * Q4_BLOCK_BYTES);
+  let s = 0x9e3779b9;
+  const words = new Uint32Array(qweight.buffer);
+  for (let i = 0; i < words.length; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    words[i] = s >>> 0;
+  }
+  const scales = f32ToF16(new Float32Array(M * nb).fill(0.01));
+  const zeros = new Uint8Array(M * Math.ceil(nb / 2)).fill(0x88);
+  return uploadQ4(gpu, { qweight, scales, zeros }, M, K);
+}
+

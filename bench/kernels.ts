@@ -7,33 +7,14 @@
  * Shapes are Llama-3.2-3B's. --quick shrinks repetitions for slow software adapters.
  */
 import { acquireNodeGpu } from '../src/gpu/node';
-import type { Gpu } from '../src/gpu/gpu';
-import { f32ToF16 } from '../src/gpu/gpu';
 import { q4Matmul, q4MatmulBackward } from '../src/kernels/q4';
-import { Q4_BLOCK_BYTES, q4Blocks, q4Bytes, releaseQ4, uploadQ4, type Q4Weight } from '../src/kernels/q4-layout';
+import { q4Bytes, releaseQ4 } from '../src/kernels/q4-layout';
 import { attentionBenchCases } from './attention-cases';
-import { copyBandwidth, parseFlags, printTable, timeGpu } from './harness';
+import { copyBandwidth, parseFlags, printTable, randomQ4, timeGpu } from './harness';
 
 const flags = parseFlags(process.argv.slice(2));
 const quick = flags.has('quick');
 const timing = quick ? { warmup: 1, iters: 3, reps: 3, budgetMs: 1000 } : { warmup: 3, iters: 20, reps: 7, budgetMs: 4000 };
-
-/** A random 4-bit weight (valid scales, random nibbles): speed does not depend on values. */
-function randomQ4(gpu: Gpu, M: number, K: number): Q4Weight {
-  const nb = q4Blocks(K);
-  const qweight = new Uint8Array(M * nb * Q4_BLOCK_BYTES);
-  let s = 0x9e3779b9;
-  const words = new Uint32Array(qweight.buffer);
-  for (let i = 0; i < words.length; i++) {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    words[i] = s >>> 0;
-  }
-  const scales = f32ToF16(new Float32Array(M * nb).fill(0.01));
-  const zeros = new Uint8Array(M * Math.ceil(nb / 2)).fill(0x88);
-  return uploadQ4(gpu, { qweight, scales, zeros }, M, K);
-}
 
 async function main(): Promise<void> {
   const gpu = await acquireNodeGpu();

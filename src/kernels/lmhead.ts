@@ -16,6 +16,7 @@ import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { matmul } from './matmul';
+import { SMALL_K, rowsBackward, rowsForward } from './smallk';
 import { WG_LINEAR, ceilDiv, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
 /**
@@ -32,9 +33,20 @@ export interface VocabProjection {
   backward(gpu: Gpu, dh: Tensor, dlogits: Tensor, N: number, rowStart: number, rows: number, accumulate: boolean): void;
 }
 
-/** An f32 weight [V, C] held in one tensor, through the tiled matmul. */
+/**
+ * An f32 weight [V, C] held in one tensor: the tiled matmul, or for short rows
+ * (C <= SMALL_K, small models) the barrier-free kernels of smallk.ts.
+ */
 export function f32VocabProjection(weight: Tensor, V: number, C: number): VocabProjection {
   if (weight.size < V * C) throw new Error(`f32VocabProjection: ${weight} is smaller than [${V}, ${C}]`);
+  if (C <= SMALL_K) {
+    return {
+      V,
+      C,
+      logits: (gpu, out, h, N, rowStart, rows) => rowsForward(gpu, out, h, weight, N, C, rowStart, rows),
+      backward: (gpu, dh, dlogits, N, rowStart, rows, accumulate) => rowsBackward(gpu, dh, dlogits, weight, N, C, rowStart, rows, accumulate),
+    };
+  }
   return {
     V,
     C,
