@@ -181,7 +181,8 @@ export function parseGenerationConfig(json: unknown, config: LlamaConfig, fileNa
   return out;
 }
 
-async function readConfigs(source: ModelSource): Promise<{ config: LlamaConfig; generation: GenerationDefaults }> {
+/** config.json and generation_config.json of a source, checked (e.g. to plan memory before loading). */
+export async function readModelConfigs(source: ModelSource): Promise<{ config: LlamaConfig; generation: GenerationDefaults }> {
   const config = parseLlamaConfig(await source.readJson('config.json'), 'config.json');
   const genJson = (await source.has('generation_config.json')) ? await source.readJson('generation_config.json') : null;
   return { config, generation: parseGenerationConfig(genJson, config) };
@@ -513,7 +514,7 @@ function assemble(config: LlamaConfig, format: WeightFormat, byName: Map<string,
 // From the source
 
 async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOptions): Promise<{ model: LoadedModel; byName: Map<string, GpuTensor> }> {
-  const { config, generation } = await readConfigs(source);
+  const { config, generation } = await readModelConfigs(source);
   const ckpt = await openCheckpoint(source);
   const ld = new Loader(gpu, options);
   try {
@@ -656,7 +657,7 @@ async function storeInCache(
 async function loadFromCache(gpu: Gpu, entry: CachedEntry, options: LoadOptions): Promise<LoadedModel> {
   const { manifest } = entry;
   const files = cachedModelSource(entry);
-  const { config, generation } = await readConfigs(files);
+  const { config, generation } = await readModelConfigs(files);
   const ld = new Loader(gpu, options);
   const hint = 'Delete the cached model and load it again from its source.';
   try {

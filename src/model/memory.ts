@@ -10,7 +10,8 @@
  *   kvCache       generation: per layer K and V [G, Smax, HK, D] f32 for the G answers
  *                 (Smax = maxNewTokens - 1: the last sampled token never enters the
  *                 cache) plus the prompt stored once as a shared prefix [P, HK, D]
- *   generationScratch  the prompt's prefill (one layer at a time) and the [G, V] logits
+ *   generationScratch  the larger of the prompt's prefill (one layer at a time, its MLP
+ *                 tensors) and a decode step (the [G, V] logits)
  *   activations   training with per-layer checkpointing over N = trainTokensPerStep rows:
  *                 every layer's input [N, C] (plus the last output) kept for the whole
  *                 step, one layer's recomputed forward (norm outputs, q/k/v before and
@@ -21,8 +22,9 @@
  *                 it exists only while the head runs, so training's peak is the larger of
  *                 the activations and the head's scratch with what the whole step keeps
  *
- * Checked against the pool's measured peak for a small model (the training figure
- * within a few percent, LoRA and optimizer exactly).
+ * test/model/memory.test.ts checks these against the buffer pool's measured peaks of
+ * a real training step and generation on a small model (within 2%; weights, LoRA and
+ * optimizer exactly).
  *
  * Generation and training never overlap: the total is the persistent part (weights,
  * LoRA, optimizer) plus the larger of the two phases, assuming the buffer pool is
@@ -174,25 +176,31 @@ function loraBuffers(config: LlamaConfig, run: RunShape): { params: Buffers[]; o
     optimizer.push({ what: `AdamW m, v of ${t} A`, bytes: R * K * F32, count: 2 * L });
     optimizer.push({ what: `AdamW m, v of ${t} B`, bytes: M * R * F32, count: 2 * L });
   }
-  optimizer.push({ what: 'grad norm, clip and step statistics', bytes: 6 * F32, count: 1 });
+  optimizer.push({ what: 'grad norm, clip state, step statistics', bytes: F32, count: 3 });
   return { params, optimizer };
 }
 
-function generationBuffers(config: LlamaConfig, run: RunShape): { kv: Buffers[]; scratch: Buffers[] } {
-  const { numLayers: L, numKvHeads: HK, headDim: D, hiddenSize: C, intermediateSize: F, numHeads: H, vocabSize: V } = config;
+/** KV cache, and the two peaks of generation's scratch: the prompt's prefill and a decode step. */
+function generationBuffers(config: LlamaConfig, run: RunShape): { kv: Buffers[]; prefill: Buffers[]; decode: Buffers[] } {
+  const { numLayers: L, numKvHeads: HK, headDim: D, hiddenSize: C, intermediateSize: F, vocabSize: V } = config;
   const G = run.groupSize;
   const P = run.maxPromptTokens;
   const Smax = Math.max(1, run.maxNewTokens - 1);
   const kv: Buffers[] = [{ what: `KV cache per layer [${G}, ${Smax}, ${HK}, ${D}] (K and V)`, bytes: G * Smax * HK * D * F32, count: 2 * L }];
   if (P > 0) kv.push({ what: `shared prompt KV per layer [${P}, ${HK}, ${D}] (K and V)`, bytes: P * HK * D * F32, count: 2 * L });
   // Prefill runs the prompt one layer at a time; its peak is inside the MLP.
-  const scratch: Buffers[] = [
-    { what: `prefill hidden state [${P}, ${C}] and norm output`, bytes: P * C * F32, count: 2 },
+  const prefill: Buffers[] = [
+    { what: `prefill hidden state [${P}, ${C}]`, bytes: P * C * F32, count: 1 },
+    { what: `prefill positions [${P}]`, bytes: P * 4, count: 1 },
     { what: `prefill MLP gate, up, SwiGLU [${P}, ${F}]`, bytes: P * F * F32, count: 3 },
-    { what: `prefill attention lse [${H}, ${P}]`, bytes: H * P * F32, count: 1 },
-    { what: `logits [${G}, ${V}] (and the copy for the group)`, bytes: G * V * F32, count: 2 },
   ];
-  return { kv, scratch };
+  const decode: Buffers[] = [
+    { what: `logits [${G}, ${V}] (and the copy for the group)`, bytes: G * V * F32, count: 2 },
+    { what: `decode MLP gate, up, SwiGLU [${G}, ${F}]`, bytes: G * F * F32, count: 3 },
+    { what: `decode hidden state [${G}, ${C}]`, bytes: G * C * F32, count: 2 },
+    { what: `sampled ids, log-probs, readback [${G}]`, bytes: 2 * G * 4, count: 3 },
+  ];
+  return { kv, prefill, decode };
 }
 
 /**
@@ -255,7 +263,8 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
 
   const w = weightBuffers(config, run.format, zeros, bufferLimit);
   const { params, optimizer } = loraBuffers(config, run);
-  const { kv, scratch } = generationBuffers(config, run);
+  const { kv, prefill, decode } = generationBuffers(config, run);
+  const scratch = [...prefill, ...decode];
   const train = trainingBuffers(config, run, N);
   const trainAll = [...train.step, ...train.layer, ...train.head];
   const headScratch = lmHeadScratch(limits, N, config.vocabSize);
@@ -265,7 +274,7 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
   const lora = sum(params);
   const opt = sum(optimizer);
   const kvCache = sum(kv);
-  const generationScratch = sum(scratch);
+  const generationScratch = Math.max(sum(prefill), sum(decode));
   const activations = sum(train.step) + sum(train.layer);
   const lmHeadScratchB = allocatedBytes(headScratch);
   const persistent = weights + lora + opt;

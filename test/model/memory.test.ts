@@ -6,11 +6,14 @@
 import { describe, expect, it } from 'vitest';
 import { parseLlamaConfig } from '../../src/formats/llama-config';
 import { q4Bytes } from '../../src/kernels/q4-layout';
+import { generate } from '../../src/model/generate';
+import { sequenceLogprobs } from '../../src/model/llama';
 import { loadLlama } from '../../src/model/load';
+import { LoraAdapter } from '../../src/model/lora';
 import { formatMemoryPlan, planMemory, type RunShape } from '../../src/model/memory';
 import { openModelDir } from '../../src/model/node-source';
 import { useGpu } from '../helpers/gpu';
-import { TINY_DIR } from '../helpers/model-files';
+import { TINY_DIR, memorySource, syntheticModel } from '../helpers/model-files';
 
 const GiB = 2 ** 30;
 const ALL = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
@@ -72,6 +75,49 @@ describe('planMemory', () => {
     m.weights.release();
   });
 
+  it("matches the pool's measured peaks of a real LoRA training step and a real generation", async () => {
+    const g = gpu();
+    const limits = { maxBufferSize: g.caps.maxBufferSize, maxStorageBufferBindingSize: g.caps.maxStorageBufferBindingSize };
+    const m = syntheticModel({ vocab: 1000, hidden: 128, intermediate: 352, layers: 2, heads: 4, kvHeads: 2, seed: 1 });
+    const loaded = await loadLlama(g, memorySource(m.files), { format: 'q4' });
+    const w = loaded.weights;
+    const [P, A, G] = [32, 48, 4];
+    const plan = planMemory(w.config, { ...RUN_3B, groupSize: G, maxPromptTokens: P, maxNewTokens: A }, limits);
+    expect(plan.weights).toBe(w.bytes);
+    await g.sync();
+    let base = g.stats().inUseBytes;
+    const lora = LoraAdapter.create(g, w.config, { r: 16, alpha: 32, targets: [...ALL], seed: 1 });
+    expect(g.stats().inUseBytes - base).toBe(plan.lora + plan.optimizer);
+
+    // One training micro-batch: the prompt and one answer (N = P + A rows), forward and backward.
+    g.pool.resetPeaks();
+    base = g.stats().inUseBytes;
+    const N = P + A;
+    const ids = Uint32Array.from({ length: N }, (_, i) => (i * 7919) % 1000);
+    const pass = sequenceLogprobs(g, w, lora, { ids, B: 1, T: N }, { train: true });
+    const dlogp = g.upload(new Float32Array(N).fill(1), [N]);
+    pass.backward(dlogp);
+    await g.sync();
+    const trainPeak = g.stats().peakInUseBytes - base;
+    pass.release();
+    dlogp.release();
+
+    // Generation: G answers of A tokens to one P-token prompt.
+    g.pool.resetPeaks();
+    base = g.stats().inUseBytes;
+    const prompt = Array.from({ length: P }, (_, i) => (i * 31) % 1000);
+    await generate(g, w, null, { prompt, G, maxNewTokens: A, stopTokens: [] });
+    const genPeak = g.stats().peakInUseBytes - base;
+    console.log(
+      `measured vs planned: training ${trainPeak} vs ${plan.trainingPeak} bytes, generation ${genPeak} vs ${plan.kvCache + plan.generationScratch} bytes`,
+    );
+    // Within 2%: the plan counts every buffer the engine holds at its peaks.
+    expect(Math.abs(trainPeak / plan.trainingPeak - 1)).toBeLessThan(0.02);
+    expect(Math.abs(genPeak / (plan.kvCache + plan.generationScratch) - 1)).toBeLessThan(0.02);
+    lora.release();
+    w.release();
+  }, 600_000);
+
   it('Llama-3.2-3B, rank-16 LoRA on all seven projections, G=8 answers of 512 tokens after a 256-token prompt', () => {
     const plan = planMemory(CONFIG_3B, RUN_3B, DESKTOP);
     const full = planMemory(CONFIG_3B, { ...RUN_3B, trainTokensPerStep: 8 * (256 + 512) }, DESKTOP);
@@ -90,7 +136,7 @@ describe('planMemory', () => {
     const loraParams = 28 * 16 * ((C + C) * 2 + (C + KV) * 2 + (C + F) * 3);
     expect(loraParams).toBe(24_313_856);
     expect(plan.lora).toBe(loraParams * 4 * 2); // A, B and grads (every size is a pool bucket)
-    expect(plan.optimizer).toBe(loraParams * 4 * 2 + 256); // m, v + the step's scalars
+    expect(plan.optimizer).toBe(loraParams * 4 * 2 + 3 * 256); // m, v + the step's three small buffers
     // KV cache: 28 layers x K,V x (8 rows x 511 positions + the 256-token prompt once) x 8 heads x 128.
     expect(plan.kvCache).toBe(2 * 28 * 8 * 128 * 4 * 256 + 2 * 28 * 16 * 2 ** 20);
     expect(plan.lmHeadScratch).toBe(768 * 8192 * 4);
