@@ -93,7 +93,7 @@ export interface LoadedModel {
   /** The model's files (tokenizer, config): the source itself, or the cache entry when loaded from it. */
   files: ModelSource;
   fromCache: boolean;
-  /** Why storing into the cache failed (the model loaded regardless), or null. */
+  /** Why the cache could not be used: a damaged entry (dropped, then loaded from the source) or a failed store (e.g. storage full); the model loaded regardless. Null when all went well. */
   cacheError: Error | null;
   /** Checkpoint tensors the model does not use. */
   unusedTensors: string[];
