@@ -153,7 +153,7 @@ async function main(): Promise<void> {
     for (const [name, data] of Object.entries(files)) await writeFile(join(out, name), data);
     console.log(`adapter written to ${out} (${Object.keys(files).join(', ')})`);
   }
-  console.log(`peak GPU pool bytes: ${(gpu.stats().peakAllocatedBytes / 2 ** 20).toFixed(1)} MiB (+ weights ${(weights.bytes / 2 ** 20).toFixed(1)} MiB)`);
+  console.log(`peak GPU pool bytes: ${(gpu.stats().peakAllocatedBytes / 2 ** 20).toFixed(1)} MiB (weights ${(weights.bytes / 2 ** 20).toFixed(1)} MiB included)`);
   lora.release();
   weights.release();
   gpu.destroy();
