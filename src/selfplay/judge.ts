@@ -53,7 +53,7 @@ export interface JudgeParse {
   reason: JudgeParseReason;
 }
 
-const TAG = /<\s*score\s*>([^<]*?)(?:<\s*\/\s*score\s*>|$)/gi;
+const TAG = /<\s*score\s*>((?:(?!<\s*score\s*>)[\s\S])*?)(?:<\s*\/\s*score\s*>|$)/gi;
 const VALUE = /^([+-]?\d+(?:\.\d+)?)(?:\s*(?:\/|out\s+of)\s*7)?\.?$/i;
 
 export function parseJudgeScore(text: string): JudgeParse {
