@@ -20,6 +20,15 @@
  * (S = number of sequences, T_s = tokens of s; an empty sequence contributes nothing.)
  * Then L = L_sol + alpha_ch * L_ch, and the Challenger's weights carry the alpha_ch factor.
  * The gradient at the sampled policy equals that of the stop-gradient-ratio form.
+ *
+ * Where the KL sits (klPlacement):
+ *   'loss'   (default; the paper's formula and TRL): kl_st is differentiated directly, as above.
+ *            Note that k1 used this way has zero expected gradient (E_pi[grad logp] = 0); only
+ *            k3 then pulls the policy toward pi_ref in expectation.
+ *   'reward' the KL is a stop-gradient penalty on the advantage, l_st = -(A_s - beta*sg(kl_st)) logp_st,
+ *            so dl_st/dlogp_st = -(A_s - beta*kl_st). With k1 its expectation is the gradient of
+ *            KL(pi || pi_ref) per token. Here tokenWeights are the gradient of that surrogate, not of
+ *            the returned `loss` (which still reports pgLoss + beta*kl for metrics).
  */
 
 import { type KlEstimator, klToken, klTokenGrad } from './kl';
@@ -55,9 +64,13 @@ export interface RoleLoss {
   loss: number;
 }
 
+export type KlPlacement = 'loss' | 'reward';
+
 export interface LossOptions extends AggregationOptions {
   beta: number;
   klEstimator: KlEstimator;
+  /** Default 'loss'; see the file comment. */
+  klPlacement?: KlPlacement;
   /** Weight of the Challenger loss alpha_ch. */
   alphaCh: number;
   /** dr_grpo for the Challenger's queries: its max query length (defaults to the longest). */
@@ -105,6 +118,7 @@ export function roleLoss(
   klEstimator: KlEstimator,
   agg: AggregationOptions,
   roleWeight = 1,
+  klPlacement: KlPlacement = 'loss',
 ): RoleLoss {
   const coef = aggregationCoefficients(sequences.map((q) => q.logp.length), agg);
   let pgLoss = 0;
@@ -113,9 +127,14 @@ export function roleLoss(
     if (q.logp.length !== q.logpRef.length) throw new Error(`sequence ${s}: ${q.logp.length} log-probs vs ${q.logpRef.length} reference`);
     const w = new Float64Array(q.logp.length);
     for (let t = 0; t < w.length; t++) {
+      const klt = klToken(klEstimator, q.logp[t], q.logpRef[t]);
       pgLoss += coef[s] * -q.advantage * q.logp[t];
-      kl += coef[s] * klToken(klEstimator, q.logp[t], q.logpRef[t]);
-      w[t] = roleWeight * coef[s] * (-q.advantage + beta * klTokenGrad(klEstimator, q.logp[t], q.logpRef[t]));
+      kl += coef[s] * klt;
+      const dl =
+        klPlacement === 'loss'
+          ? -q.advantage + beta * klTokenGrad(klEstimator, q.logp[t], q.logpRef[t])
+          : -(q.advantage - beta * klt);
+      w[t] = roleWeight * coef[s] * dl;
     }
     return w;
   });
@@ -129,13 +148,14 @@ export function selfPlayLoss(
   queries: readonly ScoredSequence[],
   opts: LossOptions,
 ): SelfPlayLoss {
-  const solver = roleLoss(answers, opts.beta, opts.klEstimator, opts);
+  const solver = roleLoss(answers, opts.beta, opts.klEstimator, opts, 1, opts.klPlacement);
   const challenger = roleLoss(
     queries,
     opts.beta,
     opts.klEstimator,
     { aggregation: opts.aggregation, maxLength: opts.challengerMaxLength, globalTokens: opts.challengerGlobalTokens },
     opts.alphaCh,
+    opts.klPlacement,
   );
   return { solver, challenger, loss: solver.loss + opts.alphaCh * challenger.loss };
 }

@@ -153,8 +153,8 @@ describe('per-token weights are dL/dlogp (finite differences)', () => {
 describe('with beta > 0 and zero advantages the weights pull logp toward logp_ref', () => {
   // A gradient-descent step changes logp by -lr * weight. Where logp > logp_ref it must lower logp
   // (weight > 0); with k3 where logp < logp_ref it must raise logp (weight < 0). k1's derivative
-  // is the constant 1, so per token it always lowers logp; its pull toward pi_ref holds only in
-  // expectation over samples, and the test checks the k1 case only where logp > logp_ref.
+  // is the constant 1, so per token it always lowers logp (and in expectation it does nothing, see
+  // below); the test checks the k1 case only where logp > logp_ref.
   const seqs: ScoredSequence[] = [
     { logp: [-0.5, -2.0, -1.0], logpRef: [-1.0, -1.5, -1.0], advantage: 0 },
     { logp: [-0.2], logpRef: [-3.0], advantage: 0 },
@@ -185,4 +185,98 @@ describe('with beta > 0 and zero advantages the weights pull logp toward logp_re
       }
     });
   }
+});
+
+describe('expected update of a one-token categorical policy with zero advantages', () => {
+  // pi = softmax(theta) over 3 tokens, one-token sequences, c = 1. The expected gradient of the
+  // sampled loss is g = sum_a pi(a) * w(a) * (e_a - pi), w(a) = dL/dlogp(a).
+  //   k3: w(a) = beta (1 - ref(a)/pi(a))  ->  g = beta (pi - ref): a step moves pi toward ref.
+  //   k1: w(a) = beta                     ->  g = beta (pi - pi) = 0: as a loss term, k1 has no
+  //       expected gradient (it pulls toward ref only when used as a stop-gradient penalty on the reward).
+  const softmax = (x: number[]) => {
+    const m = Math.max(...x);
+    const e = x.map((v) => Math.exp(v - m));
+    const z = e.reduce((a, b) => a + b, 0);
+    return e.map((v) => v / z);
+  };
+  const klDiv = (p: number[], q: number[]) => p.reduce((s, pa, a) => s + pa * Math.log(pa / q[a]), 0);
+  const theta = [1.5, -0.5, 0.2];
+  const ref = softmax([0, 0.3, -0.2]);
+  const expectedGrad = (est: 'k1' | 'k3', beta: number) => {
+    const pi = softmax(theta);
+    const g = [0, 0, 0];
+    for (let a = 0; a < 3; a++) {
+      const w = roleLoss([{ logp: [Math.log(pi[a])], logpRef: [Math.log(ref[a])], advantage: 0 }], beta, est, {
+        aggregation: 'grpo',
+      }).tokenWeights[0][0];
+      for (let k = 0; k < 3; k++) g[k] += pi[a] * w * ((k === a ? 1 : 0) - pi[k]);
+    }
+    return { pi, g };
+  };
+
+  it('k3 moves the policy toward the reference', () => {
+    const beta = 0.5;
+    const { pi, g } = expectedGrad('k3', beta);
+    closeAll(g, pi.map((p, k) => beta * (p - ref[k])));
+    const stepped = softmax(theta.map((t, k) => t - 0.5 * g[k]));
+    expect(klDiv(stepped, ref)).toBeLessThan(klDiv(pi, ref));
+  });
+
+  it('k1 as a loss term has zero expected gradient', () => {
+    const { g } = expectedGrad('k1', 0.5);
+    closeAll(g, [0, 0, 0]);
+  });
+});
+
+describe("klPlacement 'reward' (stop-gradient KL penalty on the advantage)", () => {
+  it('weights are -(A - beta * kl) * c_s', () => {
+    // grpo, k1, beta 0.1 on `answers`: k1 = [0.5], [0.5, -0.5, -1.5]
+    //   seq0: 1/2 * -(1 - 0.05) = -0.475
+    //   seq1: 1/6 * -(-2 - 0.1 * [0.5, -0.5, -1.5]) = [2.05, 1.95, 1.85] / 6
+    const r = roleLoss(answers, 0.1, 'k1', { aggregation: 'grpo' }, 1, 'reward');
+    closeAll(r.tokenWeights[0], [-0.475]);
+    closeAll(r.tokenWeights[1], [2.05 / 6, 1.95 / 6, 1.85 / 6]);
+    // the reported loss parts do not depend on the placement
+    close(r.pgLoss, -1.5);
+    close(r.kl, 0);
+  });
+
+  it('with k1, the expected update of a categorical policy is beta * grad KL(pi || ref)', () => {
+    // w(a) = beta * log(pi(a)/ref(a)); g = beta * sum_a pi(a) log(pi(a)/ref(a)) (e_a - pi),
+    // which is beta times the exact gradient of KL(pi || ref) w.r.t. the logits.
+    const softmax = (x: number[]) => {
+      const e = x.map((v) => Math.exp(v));
+      const z = e.reduce((a, b) => a + b, 0);
+      return e.map((v) => v / z);
+    };
+    const klDiv = (p: number[], q: number[]) => p.reduce((s, pa, a) => s + pa * Math.log(pa / q[a]), 0);
+    const theta = [1.5, -0.5, 0.2];
+    const ref = softmax([0, 0.3, -0.2]);
+    const beta = 0.5;
+    const pi = softmax(theta);
+    const g = [0, 0, 0];
+    for (let a = 0; a < 3; a++) {
+      const w = roleLoss([{ logp: [Math.log(pi[a])], logpRef: [Math.log(ref[a])], advantage: 0 }], beta, 'k1', {
+        aggregation: 'grpo',
+      }, 1, 'reward').tokenWeights[0][0];
+      for (let k = 0; k < 3; k++) g[k] += pi[a] * w * ((k === a ? 1 : 0) - pi[k]);
+    }
+    const h = 1e-6;
+    for (let k = 0; k < 3; k++) {
+      const plus = theta.map((t, u) => (u === k ? t + h : t));
+      const minus = theta.map((t, u) => (u === k ? t - h : t));
+      const fd = (klDiv(softmax(plus), ref) - klDiv(softmax(minus), ref)) / (2 * h);
+      expect(g[k]).toBeCloseTo(beta * fd, 6);
+    }
+    const stepped = softmax(theta.map((t, k) => t - 0.5 * g[k]));
+    expect(klDiv(stepped, ref)).toBeLessThan(klDiv(pi, ref));
+  });
+
+  it('selfPlayLoss passes the placement to both roles', () => {
+    const q: ScoredSequence[] = [{ logp: [-1], logpRef: [-2], advantage: 0 }];
+    const l = selfPlayLoss(q, q, { aggregation: 'grpo', beta: 1, klEstimator: 'k1', alphaCh: 2, klPlacement: 'reward' });
+    // k1 = 1: solver weight 1 * (0 + 1) = 1; challenger 2 * 1 = 2
+    closeAll(l.solver.tokenWeights[0], [1]);
+    closeAll(l.challenger.tokenWeights[0], [2]);
+  });
 });
