@@ -130,10 +130,9 @@ export function computeAdvantages(sources: readonly RewardSource[], opts: Advant
     opts.scale === 'group' ? (c - cMean) / (cStd + eps) : c - cMean,
   );
 
-  // A group has zero spread when every reward equals the first (exact compare, as the
-  // rewards of a degenerate group are bit-identical copies).
+  // Zero spread as TRL tests it: torch.isclose(std, 0), i.e. |std| <= 1e-8.
   let zeroStd = 0;
-  for (const row of solverReward) if (row.every((r) => r === row[0])) zeroStd++;
+  for (const s of solverGroupStd) if (s <= 1e-8) zeroStd++;
 
   const all = solverReward.flat();
   return {

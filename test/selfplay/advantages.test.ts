@@ -90,6 +90,17 @@ describe('computeAdvantages, game + quality sources (LSP)', () => {
   });
 });
 
+describe('frac_reward_zero_std', () => {
+  it('counts groups whose std is within 1e-8 of zero (rounding noise included)', () => {
+    // [0.1 + 0.2, 0.3] differ by 5.6e-17: std ~4e-17 -> zero; [0, 1e-3] -> not zero
+    const a = computeAdvantages(
+      [{ name: 'r', kind: 'game', weight: 1, rewards: [[0.1 + 0.2, 0.3], [0, 1e-3], [2, 2]] }],
+      { scale: 'none' },
+    );
+    close(a.fracRewardZeroStd, 2 / 3);
+  });
+});
+
 describe('computeAdvantages, shape errors', () => {
   it('rejects ragged or mismatched reward tables', () => {
     expect(() => computeAdvantages([], { scale: 'none' })).toThrow();
