@@ -10,6 +10,8 @@ import type { Tensor } from '../src/gpu/tensor';
 import { Q4_BLOCK_BYTES, q4Blocks, uploadQ4, type Q4Weight } from '../src/kernels/q4-layout';
 import { WG_LINEAR, grid, kernelCache } from '../src/kernels/wgsl';
 
+export { parseFlags } from '../src/cli/flags';
+
 const copyKernel = kernelCache(() => ({
   label: 'bench_copy_vec4',
   code: /* wgsl */ `
@@ -93,18 +95,6 @@ function formatNumber(x: number): string {
   return x.toPrecision(2);
 }
 
-export function parseFlags(argv: string[]): Map<string, string> {
-  const flags = new Map<string, string>();
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (!a.startsWith('--')) continue;
-    const eq = a.indexOf('=');
-    if (eq > 0) flags.set(a.slice(2, eq), a.slice(eq + 1));
-    else if (argv[i + 1] && !argv[i + 1]!.startsWith('--')) flags.set(a.slice(2), argv[++i]!);
-    else flags.set(a.slice(2), 'true');
-  }
-  return flags;
-}
 
 /** A random 4-bit weight (valid scales, random nibbles): speed does not depend on values. */
 export function randomQ4(gpu: Gpu, M: number, K: number): Q4Weight {

@@ -54,14 +54,13 @@ const rmsnormOp = op<{ N: number; C: number; eps: number }>({
   },
   backward: (tape, [g], [x, w], [rstd], _out, { N, C }) => {
     const gpu = tape.gpu;
-    const dx = x!.requiresGrad ? gpu.empty([N, C]) : gpu.empty([N, C], 'f32', 'rmsnorm.dx-scratch');
+    // The kernel always writes dx; it is dropped when x needs no gradient.
+    const dx = gpu.empty([N, C]);
     const dw = w!.requiresGrad ? gpu.zeros([C]) : null;
     rmsnormBackward(gpu, dx, dw, g!, x!.value, rstd!, w!.value, N, C);
-    if (!x!.requiresGrad) {
-      dx.release();
-      return [null, dw];
-    }
-    return [dx, dw];
+    if (x!.requiresGrad) return [dx, dw];
+    dx.release();
+    return [null, dw];
   },
 });
 

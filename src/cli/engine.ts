@@ -17,6 +17,7 @@ import { LLAMA_PROJECTIONS, type LlamaProjection } from '../formats/peft';
 import { acquireNodeGpu } from '../gpu/node';
 import { fill } from '../kernels/elementwise';
 import { generate } from '../model/generate';
+import { parseFlags } from './flags';
 import { sequenceLogprobs, type TokenBatch } from '../model/llama';
 import { loadLlama } from '../model/load';
 import { LoraAdapter } from '../model/lora';
@@ -24,18 +25,6 @@ import { formatMemoryPlan, planMemory } from '../model/memory';
 import { openModelDir } from '../model/node-source';
 import { hubModelSource, isHubRepoId, type ModelSource } from '../model/source';
 import { loadTokenizer } from '../model/tokenizer';
-
-function flags(argv: string[]): Map<string, string> {
-  const out = new Map<string, string>();
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i]!;
-    if (!a.startsWith('--')) throw new Error(`unexpected argument ${a}: options are --name value`);
-    const v = argv[i + 1];
-    if (v === undefined || v.startsWith('--')) out.set(a.slice(2), 'true');
-    else out.set(a.slice(2), argv[++i]!);
-  }
-  return out;
-}
 
 function num(f: Map<string, string>, name: string, fallback: number): number {
   const v = f.get(name);
@@ -70,7 +59,7 @@ function answerBatch(prompt: number[], answers: number[][], V: number): { batch:
 }
 
 async function main(): Promise<void> {
-  const f = flags(process.argv.slice(2));
+  const f = parseFlags(process.argv.slice(2));
   const model = f.get('model');
   if (!model) throw new Error('usage: npm run engine -- --model <folder or hub repo id> [--format q4|f32] [--prompt TEXT] ...');
   const format = (f.get('format') ?? 'q4') as 'q4' | 'f32';
