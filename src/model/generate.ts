@@ -24,6 +24,7 @@
  */
 import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
+import { addInPlace } from '../kernels/elementwise';
 import { sample } from '../kernels/sample';
 import { KvCache, decodeStep, prefill, prefillShared, type InferenceLora } from './infer';
 import type { LlamaWeights } from './weights';
@@ -44,6 +45,12 @@ export interface GenerateOptions {
   seed?: number;
   /** default: the checkpoint's eos ids */
   stopTokens?: Iterable<number>;
+  /**
+   * Constrained decoding: only these ids may be sampled (every other logit is set to
+   * -1e30 before sampling, so log-probs are those of the restricted softmax). Costs a
+   * [B, V] mask on the GPU; meant for small vocabularies of answers (the toy world).
+   */
+  allowedTokens?: readonly number[];
   /** called for every new token of a still-running row, in row order within a step */
   onToken?: (row: number, tokenId: number, step: number) => void;
 }
@@ -135,12 +142,27 @@ export async function generate(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | 
       logits = full;
     }
 
+    let mask: Tensor | null = null;
+    if (opts.allowedTokens) {
+      const allowed = opts.allowedTokens;
+      if (allowed.length === 0) throw new Error('generate: allowedTokens is empty');
+      const row = new Float32Array(V).fill(-1e30);
+      for (const id of allowed) {
+        if (!(Number.isInteger(id) && id >= 0 && id < V)) throw new Error(`generate: allowed token ${id} is outside the vocabulary of ${V}`);
+        row[id] = 0;
+      }
+      const full = new Float32Array(B * V);
+      for (let b = 0; b < B; b++) full.set(row, b * V);
+      mask = gpu.upload(full, [B * V], 'f32', 'allowed-mask');
+      owned.push(mask);
+    }
     const ids = gpu.zeros([B], 'u32', 'sampled-ids');
     const logp = gpu.empty([B], 'f32', 'sampled-logp');
     const readback = gpu.empty([2 * B], 'u32', 'sampled-readback');
     owned.push(ids, logp, readback);
     /** Samples, and starts the step's single readback (ids then logp in one buffer). */
     const sampleStep = (step: number, l: Tensor): Promise<ArrayBuffer> => {
+      if (mask) addInPlace(gpu, l, mask, B * V);
       sample(gpu, ids, l, { temperature, topK, topP, seed, step, logp }, B, V);
       l.release();
       gpu.copy(ids, readback, B * 4, 0, 0);

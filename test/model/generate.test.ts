@@ -337,6 +337,25 @@ describe(`KV cache, groups, stops and readbacks (f32 weights, first ${SMALL_V} v
     }
   });
 
+  it('allowedTokens restricts sampling; log-probs are those of the restricted softmax', async () => {
+    const gpu = getGpu();
+    const allowed = [3, 17, 250, 999];
+    const r = await generate(gpu, w, lora, { prompt, G: 6, maxNewTokens: 3, temperature: 1, seed: 7, stopTokens: [], allowedTokens: allowed });
+    const seen = new Set<number>();
+    for (const a of r.answers) for (const t of a.tokens) {
+      expect(allowed).toContain(t);
+      seen.add(t);
+    }
+    expect(seen.size).toBeGreaterThan(1);
+    const row = r.answers[2]!;
+    for (let s = 0; s < 2; s++) {
+      const logits = await fullPrefillLogits(gpu, w, lora, [...prompt, ...row.tokens.slice(0, s)]);
+      const sub = allowed.map((id) => logits[id]!);
+      expect(row.logprobs[s]).toBeCloseTo(logits[row.tokens[s]!]! - logSumExp(Float32Array.from(sub)), 4);
+    }
+    await expect(generate(gpu, w, lora, { prompt, maxNewTokens: 1, allowedTokens: [SMALL_V + 5] })).rejects.toThrow(/outside the vocabulary/);
+  });
+
   it('stop tokens end rows, finish reasons are right, and finished rows leave the others untouched', async () => {
     const gpu = getGpu();
     const other = smallPrompt(SMALL_V, seq('long').ids);
