@@ -72,6 +72,8 @@ export interface LoadOptions {
   q4Zeros?: boolean;
   /** Load from here when the model is cached; store it here after a load from the source. */
   cache?: ModelCache | null;
+  /** Load this ONNX decoder (e.g. "onnx/model_q4.onnx") with the ONNX importer (onnx-load.ts). Without it, ONNX is used when the source holds onnx/model*.onnx and no safetensors. */
+  onnxFile?: string;
 }
 
 /** Sampling defaults from generation_config.json, falling back to config.json's token ids. */
@@ -131,6 +133,13 @@ export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOpti
       }
     }
   }
+  if (await usesOnnx(source, options)) {
+    // ONNX decoders load through the importer and are not cached.
+    const { loadLlamaOnnx } = await import('./onnx-load');
+    const model = await loadLlamaOnnx(gpu, source, options);
+    model.cacheError = cacheError;
+    return model;
+  }
   const { model, byName } = await loadFromSource(gpu, source, options);
   model.cacheError = cacheError;
   if (options.cache) {
@@ -141,6 +150,14 @@ export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOpti
     }
   }
   return model;
+}
+
+/** ONNX when asked for, or when the source holds an ONNX decoder and no safetensors weights. */
+async function usesOnnx(source: ModelSource, options: LoadOptions): Promise<boolean> {
+  if (options.onnxFile !== undefined) return true;
+  if ((await source.has('model.safetensors')) || (await source.has('model.safetensors.index.json'))) return false;
+  const { findOnnxModel } = await import('./onnx-load');
+  return (await findOnnxModel(source)) !== null;
 }
 
 // ---------------------------------------------------------------------------------
