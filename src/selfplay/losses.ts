@@ -111,6 +111,42 @@ export function aggregationCoefficients(lengths: readonly number[], opts: Aggreg
   }
 }
 
+export interface SequenceTerms {
+  /** [T] dL/dlogp per token (coefficient and role weight included). */
+  weights: Float64Array;
+  /** This sequence's share of the aggregated -A*logp and of the aggregated kl (no beta). */
+  pgLoss: number;
+  kl: number;
+}
+
+/**
+ * One sequence's per-token gradient and loss shares, given its aggregation coefficient
+ * c_s. Summing the shares of every sequence with coefficients from aggregationCoefficients
+ * over the whole batch gives roleLoss; the trainer uses this to process a batch in
+ * micro-batches with the batch's own aggregation.
+ */
+export function sequenceTerms(
+  q: ScoredSequence,
+  coef: number,
+  beta: number,
+  klEstimator: KlEstimator,
+  roleWeight = 1,
+  klPlacement: KlPlacement = 'loss',
+): SequenceTerms {
+  if (q.logp.length !== q.logpRef.length) throw new Error(`sequence: ${q.logp.length} log-probs vs ${q.logpRef.length} reference`);
+  let pgLoss = 0;
+  let kl = 0;
+  const w = new Float64Array(q.logp.length);
+  for (let t = 0; t < w.length; t++) {
+    const klt = klToken(klEstimator, q.logp[t], q.logpRef[t]);
+    pgLoss += coef * -q.advantage * q.logp[t];
+    kl += coef * klt;
+    const dl = klPlacement === 'loss' ? -q.advantage + beta * klTokenGrad(klEstimator, q.logp[t], q.logpRef[t]) : -(q.advantage - beta * klt);
+    w[t] = roleWeight * coef * dl;
+  }
+  return { weights: w, pgLoss, kl };
+}
+
 /** One role's aggregated loss and per-token dL/dlogp, every weight scaled by roleWeight. */
 export function roleLoss(
   sequences: readonly ScoredSequence[],
@@ -125,18 +161,10 @@ export function roleLoss(
   let kl = 0;
   const tokenWeights = sequences.map((q, s) => {
     if (q.logp.length !== q.logpRef.length) throw new Error(`sequence ${s}: ${q.logp.length} log-probs vs ${q.logpRef.length} reference`);
-    const w = new Float64Array(q.logp.length);
-    for (let t = 0; t < w.length; t++) {
-      const klt = klToken(klEstimator, q.logp[t], q.logpRef[t]);
-      pgLoss += coef[s] * -q.advantage * q.logp[t];
-      kl += coef[s] * klt;
-      const dl =
-        klPlacement === 'loss'
-          ? -q.advantage + beta * klTokenGrad(klEstimator, q.logp[t], q.logpRef[t])
-          : -(q.advantage - beta * klt);
-      w[t] = roleWeight * coef[s] * dl;
-    }
-    return w;
+    const terms = sequenceTerms(q, coef[s]!, beta, klEstimator, roleWeight, klPlacement);
+    pgLoss += terms.pgLoss;
+    kl += terms.kl;
+    return terms.weights;
   });
   const klTerm = beta * kl;
   return { tokenWeights, pgLoss, klTerm, kl, loss: pgLoss + klTerm };
