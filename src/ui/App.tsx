@@ -1,55 +1,63 @@
 import { useEffect, useState } from 'react';
-import { acquireGpu, type GpuCapabilities } from '../gpu/gpu';
+import { useShallow } from 'zustand/react/shallow';
+import type { LabActions } from './actions';
+import { AdapterPanel } from './components/AdapterPanel';
+import { Charts } from './components/Charts';
+import { GameHistory, LiveGames } from './components/GameView';
+import { Messages } from './components/Messages';
+import { RunControls } from './components/RunControls';
+import { SettingsPanel } from './components/Settings';
+import { StartScreen } from './components/StartScreen';
+import { ActionsContext } from './context';
+import { useLab } from './store';
 
-type Check = { state: 'checking' } | { state: 'ok'; caps: GpuCapabilities } | { state: 'error'; message: string };
-
-/** The lab's shell: for now, the WebGPU capability check every later screen starts from. */
-export function App() {
-  const [check, setCheck] = useState<Check>({ state: 'checking' });
-
+/** The lab: the start screen until a model is loaded, then the run. */
+export function App({ actions }: { actions: LabActions }) {
   useEffect(() => {
-    let cancelled = false;
-    acquireGpu()
-      .then((gpu) => {
-        if (!cancelled) setCheck({ state: 'ok', caps: gpu.caps });
-        gpu.destroy();
-      })
-      .catch((e: unknown) => {
-        if (!cancelled) setCheck({ state: 'error', message: e instanceof Error ? e.message : String(e) });
-      });
-    return () => {
-      cancelled = true;
-    };
-  }, []);
-
+    void actions.check();
+  }, [actions]);
+  const { model, runState } = useLab(useShallow((s) => ({ model: s.model, runState: s.runState })));
+  const [picking, setPicking] = useState(false);
+  const showStart = !model || picking;
+  useEffect(() => setPicking(false), [model]);
   return (
-    <main style={{ fontFamily: 'system-ui, sans-serif', maxWidth: 760, margin: '2rem auto', lineHeight: 1.5 }}>
-      <h1>selfplay-lab</h1>
-      <p>Language Self-Play training of LoRA adapters on WebGPU, inside this tab.</p>
-      <section aria-label="WebGPU capability check" data-testid="gpu-check">
-        {check.state === 'checking' && <p>Checking WebGPU…</p>}
-        {check.state === 'error' && <p role="alert">{check.message}</p>}
-        {check.state === 'ok' && (
-          <>
-            <p>
-              GPU: <strong data-testid="adapter-name">{check.caps.adapterName}</strong>
-            </p>
-            <ul>
-              <li>max buffer: {(check.caps.maxBufferSize / 2 ** 20).toFixed(0)} MiB</li>
-              <li>max storage binding: {(check.caps.maxStorageBufferBindingSize / 2 ** 20).toFixed(0)} MiB</li>
-              <li>shader-f16: {check.caps.f16 ? 'yes' : 'no'}</li>
-              <li>subgroups: {check.caps.subgroups ? 'yes' : 'no'}</li>
-            </ul>
-            {check.caps.missing.length > 0 && (
-              <ul>
-                {check.caps.missing.map((m) => (
-                  <li key={m}>Missing: {m}</li>
-                ))}
-              </ul>
-            )}
-          </>
+    <ActionsContext.Provider value={actions}>
+      <main className="lab">
+        <header>
+          <h1>selfplay-lab</h1>
+          <p>
+            Language Self-Play in this tab: one model plays the Challenger, who writes queries, and the Solver, who answers them; a LoRA adapter learns from
+            the game on your GPU.
+          </p>
+          {model && !picking && runState !== 'running' && runState !== 'pausing' && (
+            <button className="secondary" onClick={() => setPicking(true)}>
+              Load another model
+            </button>
+          )}
+          {picking && model && (
+            <button className="secondary" onClick={() => setPicking(false)}>
+              Back to the run
+            </button>
+          )}
+        </header>
+        <Messages />
+        {showStart ? (
+          <StartScreen />
+        ) : (
+          <div className="workspace">
+            <aside>
+              <RunControls />
+              <AdapterPanel />
+              <SettingsPanel />
+            </aside>
+            <div className="main">
+              <LiveGames />
+              <Charts />
+              <GameHistory />
+            </div>
+          </div>
         )}
-      </section>
-    </main>
+      </main>
+    </ActionsContext.Provider>
   );
 }

@@ -1,0 +1,160 @@
+/**
+ * What the controls do: each action calls the worker and writes its reply into the
+ * store; failures become messages on the page (never thrown into React).
+ */
+import { makeConfig, type TrainerConfig } from '../selfplay/config';
+import type { LabClient } from '../worker/client';
+import type { ErrorContext, ExportedFile, ModelChoice, WeightFormat } from '../worker/protocol';
+import { planSettingsFor } from '../worker/catalog';
+import { live } from './live';
+import { addError, useLab } from './store';
+
+export interface DownloadLink {
+  name: string;
+  url: string;
+  bytes: number;
+}
+
+export class LabActions {
+  private exportUrls: string[] = [];
+
+  constructor(readonly client: LabClient) {}
+
+  private async guard<T>(context: ErrorContext, fn: () => Promise<T>): Promise<T | undefined> {
+    try {
+      return await fn();
+    } catch (e) {
+      const err = e as Error;
+      addError(context, { name: err.name, message: err.message }, true);
+      return undefined;
+    }
+  }
+
+  async check(): Promise<void> {
+    useLab.setState({ checking: true });
+    const r = await this.guard('gpu', () => this.client.call('check', {}));
+    useLab.setState({ checking: false });
+    if (r) useLab.setState({ capabilities: r.capabilities, savedRun: r.savedRun, cached: r.cached });
+  }
+
+  async planModel(model: ModelChoice, token: string | undefined): Promise<void> {
+    const { draft, format } = useLab.getState();
+    useLab.setState({ summary: null, summaryError: null });
+    try {
+      const summary = await this.client.call('planModel', { model, token, settings: planSettingsFor(draft, format) });
+      useLab.setState({ summary });
+    } catch (e) {
+      useLab.setState({ summaryError: (e as Error).message });
+    }
+  }
+
+  async loadModel(model: ModelChoice, token: string | undefined, format: WeightFormat, useCache: boolean): Promise<boolean> {
+    useLab.setState({ loading: true, progress: null, format });
+    const info = await this.guard('load', () => this.client.call('loadModel', { model, token, format, useCache }));
+    useLab.setState({ loading: false });
+    if (info) {
+      useLab.setState({ model: info });
+      void this.refreshCached();
+    }
+    return !!info;
+  }
+
+  async refreshCached(): Promise<void> {
+    const cached = await this.guard('storage', () => this.client.call('listCached', {}));
+    if (cached) useLab.setState({ cached });
+  }
+
+  async deleteCached(key: string): Promise<void> {
+    const cached = await this.guard('storage', () => this.client.call('deleteCached', { key }));
+    if (cached) useLab.setState({ cached });
+  }
+
+  /** Validates a draft of the settings; returns the error message, or null when valid. */
+  setDraft(config: TrainerConfig): string | null {
+    try {
+      useLab.setState({ draft: makeConfig(config) });
+      return null;
+    } catch (e) {
+      return (e as Error).message;
+    }
+  }
+
+  async start(): Promise<void> {
+    live.reset();
+    useLab.setState({ history: [], games: [], skipped: [], evaluation: null, lastCheckpoint: null });
+    const run = await this.guard('run', () => this.client.call('start', { config: useLab.getState().draft }));
+    if (run) useLab.setState({ runConfig: run.config, iteration: run.iteration, history: run.history, games: run.games });
+  }
+
+  async pause(): Promise<void> {
+    await this.guard('run', () => this.client.call('pause', {}));
+  }
+
+  async resume(): Promise<void> {
+    await this.guard('run', () => this.client.call('resume', {}));
+  }
+
+  async step(): Promise<void> {
+    if (!useLab.getState().runConfig) useLab.setState({ runConfig: useLab.getState().draft });
+    await this.guard('run', () => this.client.call('step', { config: useLab.getState().draft }));
+  }
+
+  async resetRun(): Promise<void> {
+    await this.guard('run', () => this.client.call('resetRun', {}));
+  }
+
+  async resumeSaved(token?: string, files?: { path: string; file: File }[]): Promise<void> {
+    const saved = useLab.getState().savedRun;
+    useLab.setState({ loading: true, progress: null, format: saved?.format ?? 'q4' });
+    const run = await this.guard('load', () => this.client.call('resumeSaved', { token, files }));
+    useLab.setState({ loading: false });
+    if (run) {
+      live.reset();
+      useLab.setState({ runConfig: run.config, draft: run.config, iteration: run.iteration, history: run.history, games: run.games });
+    }
+  }
+
+  /** Exports the adapter and run files and offers each as a download. */
+  async exportRun(autoDownload = true): Promise<DownloadLink[]> {
+    const r = await this.guard('export', () => this.client.call('exportRun', {}));
+    if (!r) return [];
+    for (const u of this.exportUrls) URL.revokeObjectURL(u);
+    const links = r.files.map((f) => {
+      const type = f.name.endsWith('.json') ? 'application/json' : 'application/octet-stream';
+      const url = URL.createObjectURL(new Blob([f.bytes], { type }));
+      return { name: f.name, url, bytes: f.bytes.byteLength };
+    });
+    this.exportUrls = links.map((l) => l.url);
+    if (autoDownload) for (const l of links) download(l);
+    return links;
+  }
+
+  async importAdapter(picked: readonly File[]): Promise<boolean> {
+    const files: ExportedFile[] = await Promise.all(picked.map(async (f) => ({ name: f.name, bytes: await f.arrayBuffer() })));
+    const run = await this.guard('import', () =>
+      this.client.call('importAdapter', { files, config: useLab.getState().draft }, files.map((f) => f.bytes)),
+    );
+    if (run) {
+      useLab.setState({ runConfig: run.config, iteration: run.iteration, history: run.history, games: run.games });
+      useLab.setState((s) => ({ notices: [...s.notices, `Adapter imported (${picked.map((f) => f.name).join(', ')}).`] }));
+    }
+    return !!run;
+  }
+
+  async evaluate(maxTokens?: number): Promise<void> {
+    useLab.setState({ evaluating: true });
+    const result = await this.guard('evaluate', () => this.client.call('evaluate', { maxTokens }));
+    useLab.setState({ evaluating: false });
+    if (result) useLab.setState({ evaluation: result });
+  }
+}
+
+function download(link: DownloadLink): void {
+  const a = document.createElement('a');
+  a.href = link.url;
+  a.download = link.name;
+  a.rel = 'noopener';
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}

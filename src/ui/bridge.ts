@@ -1,0 +1,67 @@
+/**
+ * The one place worker events become page state: store updates for everything that
+ * changes at most once per game, the live buffer for streaming tokens.
+ */
+import type { LabEvent } from '../worker/protocol';
+import { live, type LiveBuffer } from './live';
+import { addError, useLab } from './store';
+
+export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
+  const set = useLab.setState;
+  switch (e.type) {
+    case 'capabilities':
+      set({ capabilities: e.report, checking: false });
+      break;
+    case 'load-progress':
+      set({ progress: e, loading: e.phase !== 'done' });
+      break;
+    case 'memory-plan':
+      set({ memoryPlan: { plan: e.plan, lines: e.lines } });
+      break;
+    case 'model-loaded':
+      set({ model: e.info, loading: false });
+      break;
+    case 'model-unloaded':
+      set({ model: null, runState: 'idle', loading: false });
+      break;
+    case 'run-state':
+      set({ runState: e.state, iteration: e.iteration });
+      break;
+    case 'run-reset':
+      buffer.reset();
+      set({ runConfig: null, history: [], games: [], iteration: 0, phase: null, skipped: [], lastCheckpoint: null, evaluation: null });
+      break;
+    case 'saved-run':
+      set({ savedRun: e.info });
+      break;
+    case 'error':
+      addError(e.context, e.error, e.runPreserved);
+      break;
+    case 'phase':
+      buffer.phase(e.iteration, e.phase);
+      set({ phase: e.phase });
+      break;
+    case 'token':
+      buffer.token(e.iteration, e.role, e.query, e.answer, e.delta);
+      break;
+    case 'game':
+      set((s) => ({ games: [...s.games, e.game] }));
+      break;
+    case 'iteration':
+      set((s) => ({ history: [...s.history, e.metrics], iteration: e.metrics.iteration + 1 }));
+      break;
+    case 'skipped':
+      set((s) => ({ skipped: [...s.skipped, { iteration: e.iteration, reason: e.reason }] }));
+      break;
+    case 'checkpoint':
+      set({ lastCheckpoint: { iteration: e.iteration, bytes: e.bytes }, phase: null });
+      break;
+    case 'evaluation':
+      set({ evaluation: e.result });
+      break;
+    default: {
+      const never: never = e;
+      void never;
+    }
+  }
+}

@@ -1,0 +1,472 @@
+/**
+ * The lab as the worker runs it: one GPU device, at most one loaded model and one
+ * self-play run. It answers the protocol's commands and reports everything else as
+ * events. GPU work is serialised (a step, an export and an evaluation never overlap);
+ * pausing lets the iteration in flight finish, then stops.
+ */
+import { FormatError } from '../formats/errors';
+import type { Gpu } from '../gpu/gpu';
+import type { ModelCache } from '../model/cache';
+import { loadLlama, readModelConfigs, type LoadedModel, type LoadProgress } from '../model/load';
+import type { PeftInput } from '../model/lora';
+import { formatMemoryPlan } from '../model/memory';
+import type { ModelSource } from '../model/source';
+import { loadTokenizer, type ChatTokenizer } from '../model/tokenizer';
+import { DEFAULT_CONFIG, makeConfig, type TrainerConfig } from '../selfplay/config';
+import type { EvaluationResult, GameRecord, IterationMetrics, RunFiles, RunStore, TrainerEvent } from '../selfplay/types';
+import { modelLabel, planSettingsFor } from './catalog';
+import { CachedOnlySource, downloadBytes, parameterCount, planFor, refFor, sourceFor } from './models';
+import {
+  errorInfo,
+  type Args,
+  type CachedModelInfo,
+  type CapabilityReport,
+  type CommandKind,
+  type ErrorContext,
+  type LabEvent,
+  type ModelInfo,
+  type ModelRef,
+  type Result,
+  type RunInfo,
+  type RunState,
+  type SavedRunInfo,
+  type WeightFormat,
+} from './protocol';
+
+/** The trainer as the lab drives it (src/selfplay/trainer.ts's SelfPlayTrainer). */
+export interface Trainer {
+  readonly config: TrainerConfig;
+  iteration: number;
+  history: IterationMetrics[];
+  games: GameRecord[];
+  onEvent: (e: TrainerEvent) => void;
+  step(): Promise<IterationMetrics>;
+  checkpoint(): Promise<void>;
+  exportFiles(): Promise<RunFiles>;
+  importAdapter(files: PeftInput): void;
+  evaluate(opts?: { instructions?: string[]; maxTokens?: number }): Promise<EvaluationResult>;
+  release(): void;
+}
+
+export interface TrainerModels {
+  gpu: Gpu;
+  model: LoadedModel;
+  tokenizer: ChatTokenizer;
+}
+
+export interface TrainerFactory {
+  start(models: TrainerModels, config: TrainerConfig, opts: { store?: RunStore; adapter?: PeftInput; onEvent?: (e: TrainerEvent) => void }): Promise<Trainer>;
+  resume(models: TrainerModels, store: RunStore, opts: { onEvent?: (e: TrainerEvent) => void }): Promise<Trainer | null>;
+}
+
+/** Where the run's small description lives next to its checkpoint (which model, which format). */
+export interface RunMetaStore {
+  load(): Promise<SavedRunInfo | null>;
+  save(info: SavedRunInfo): Promise<void>;
+  clear(): Promise<void>;
+}
+
+export interface LabEnvironment {
+  acquireGpu(): Promise<Gpu>;
+  /** The model cache (OPFS in the browser); null where there is none. */
+  modelCache(): Promise<ModelCache | null>;
+  /** The store the current run checkpoints to. */
+  runStore(): Promise<RunStore>;
+  runMeta: RunMetaStore;
+  trainers: TrainerFactory;
+}
+
+interface Loaded {
+  model: LoadedModel;
+  tokenizer: ChatTokenizer;
+  ref: ModelRef;
+  format: WeightFormat;
+  info: ModelInfo;
+}
+
+/** Progress of a download with its rate over the last few seconds. */
+class RateMeter {
+  private samples: { t: number; bytes: number }[] = [];
+  private lastEmit = 0;
+
+  constructor(private readonly windowMs = 4000) {}
+
+  /** Bytes per second, or 0 until two samples exist. */
+  add(bytes: number, now = Date.now()): number {
+    this.samples.push({ t: now, bytes });
+    while (this.samples.length > 2 && now - this.samples[0]!.t > this.windowMs) this.samples.shift();
+    const first = this.samples[0]!;
+    const dt = (now - first.t) / 1000;
+    return dt > 0 ? (bytes - first.bytes) / dt : 0;
+  }
+
+  /** At most every `ms` milliseconds (and always for the last update). */
+  due(now = Date.now(), ms = 100): boolean {
+    if (now - this.lastEmit < ms) return false;
+    this.lastEmit = now;
+    return true;
+  }
+}
+
+export class Lab {
+  private gpu: Gpu | null = null;
+  private capabilities: CapabilityReport | null = null;
+  private loaded: Loaded | null = null;
+  private trainer: Trainer | null = null;
+  private store: RunStore | null = null;
+  private pending: TrainerConfig = DEFAULT_CONFIG;
+  private state: RunState = 'idle';
+  /** GPU work in order: each step, export, import and evaluation waits for the one before. */
+  private queue: Promise<unknown> = Promise.resolve();
+  private loop: Promise<void> | null = null;
+
+  constructor(
+    private readonly env: LabEnvironment,
+    private readonly emit: (e: LabEvent) => void,
+  ) {}
+
+  async handle<K extends CommandKind>(kind: K, args: Args<K>): Promise<Result<K>> {
+    const handler = this.handlers[kind] as (a: Args<K>) => Promise<Result<K>>;
+    if (!handler) throw new Error(`unknown command ${String(kind)}`);
+    return handler(args);
+  }
+
+  private readonly handlers: { [K in CommandKind]: (args: Args<K>) => Promise<Result<K>> } = {
+    check: async () => ({ capabilities: await this.check(), savedRun: await this.savedRun(), cached: await this.listCached() }),
+    planModel: async ({ model, token, settings }) => {
+      const gpu = await this.requireGpu();
+      const source = sourceFor(model, token);
+      const { config } = await readModelConfigs(source);
+      const plan = planFor(config, settings, gpu.caps);
+      return {
+        label: modelLabel(model),
+        architecture: config.architecture,
+        layers: config.numLayers,
+        hiddenSize: config.hiddenSize,
+        vocabSize: config.vocabSize,
+        parameters: parameterCount(config),
+        downloadBytes: downloadBytes(config),
+        plan,
+        planLines: formatMemoryPlan(plan),
+      };
+    },
+    loadModel: async ({ model, token, format, useCache }) => {
+      await this.stopLoop();
+      const source = sourceFor(model, token);
+      return (await this.load(source, refFor(model, source), format, useCache)).info;
+    },
+    start: async ({ config }) => {
+      const cfg = makeConfig(config);
+      await this.stopLoop();
+      await this.newRun(cfg);
+      this.runLoop(Infinity);
+      return this.runInfo();
+    },
+    pause: async () => {
+      if (this.state === 'running') this.setState('pausing');
+      await this.loop;
+      return { iteration: this.trainer?.iteration ?? 0 };
+    },
+    resume: async () => {
+      if (!this.trainer) throw new Error('There is no run to resume: start one first.');
+      if (this.state !== 'running' && this.state !== 'pausing') this.runLoop(Infinity);
+      else this.setState('running');
+      return { iteration: this.trainer.iteration };
+    },
+    step: async ({ config }) => {
+      if (this.state === 'running' || this.state === 'pausing') throw new Error('The run is already going: pause it before stepping one iteration at a time.');
+      if (!this.trainer) await this.newRun(makeConfig(config ?? this.pending));
+      this.runLoop(1);
+      await this.loop;
+      return { iteration: this.trainer?.iteration ?? 0 };
+    },
+    updateSettings: async ({ config }) => {
+      this.pending = makeConfig(config);
+      return { config: this.pending, appliesNow: false };
+    },
+    exportRun: async () => {
+      const trainer = this.requireTrainer();
+      const files = await this.serial(() => trainer.exportFiles());
+      return { files: [...files].map(([name, bytes]) => ({ name, bytes: bytes.slice().buffer as ArrayBuffer })) };
+    },
+    importAdapter: async ({ files, config }) => {
+      const peft = peftInput(files);
+      if (this.trainer) {
+        const trainer = this.trainer;
+        await this.serial(async () => trainer.importAdapter(peft));
+      } else {
+        await this.newRun(makeConfig(config ?? this.pending), peft);
+      }
+      return this.runInfo();
+    },
+    evaluate: async (opts) => {
+      const trainer = this.requireTrainer();
+      return this.serial(() => trainer.evaluate(opts));
+    },
+    resumeSaved: async ({ token, files }) => this.resumeSaved(token, files),
+    resetRun: async () => {
+      await this.stopLoop();
+      await this.serial(async () => {
+        this.trainer?.release();
+        this.trainer = null;
+        const store = this.store ?? (await this.env.runStore());
+        await store.clear();
+        await this.env.runMeta.clear();
+      });
+      this.setState('idle');
+      this.emit({ type: 'run-reset' });
+      this.emit({ type: 'saved-run', info: null });
+      return { ok: true as const };
+    },
+    listCached: async () => this.listCached(),
+    deleteCached: async ({ key }) => {
+      const cache = await this.env.modelCache();
+      await cache?.delete(key);
+      return this.listCached();
+    },
+  };
+
+  // ---- device ---------------------------------------------------------------------
+
+  private async check(): Promise<CapabilityReport> {
+    if (this.capabilities && (this.gpu || this.capabilities.error)) return this.capabilities;
+    try {
+      const gpu = await this.env.acquireGpu();
+      this.gpu = gpu;
+      gpu.onLost((err) => this.deviceLost(err));
+      this.capabilities = { caps: gpu.caps, error: null, notes: gpu.caps.missing };
+    } catch (e) {
+      this.capabilities = { caps: null, error: errorInfo(e).message, notes: [] };
+    }
+    this.emit({ type: 'capabilities', report: this.capabilities });
+    return this.capabilities;
+  }
+
+  private async requireGpu(): Promise<Gpu> {
+    const report = await this.check();
+    if (!this.gpu) throw new Error(report.error ?? 'No GPU device.');
+    return this.gpu;
+  }
+
+  private deviceLost(err: Error): void {
+    // Everything on the device is gone; the checkpoint in storage is not.
+    this.gpu = null;
+    this.capabilities = null;
+    this.trainer = null;
+    this.loaded = null;
+    this.loop = null;
+    this.queue = Promise.resolve();
+    this.setState('idle');
+    this.emit({ type: 'model-unloaded', reason: err.message });
+    this.emit({ type: 'error', context: 'gpu', error: errorInfo(err), runPreserved: true });
+    void this.savedRun().then((info) => this.emit({ type: 'saved-run', info }));
+  }
+
+  // ---- models ---------------------------------------------------------------------
+
+  private async load(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean): Promise<Loaded> {
+    const gpu = await this.requireGpu();
+    await this.serial(async () => {
+      this.trainer?.release();
+      this.trainer = null;
+      this.loaded?.model.weights.release();
+      this.loaded = null;
+    });
+    this.setState('idle');
+    const label = modelLabel(ref);
+    this.emit({ type: 'load-progress', phase: 'config', file: 'config.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
+    const { config } = await readModelConfigs(source).catch((e: unknown) => {
+      // A cached model needs no source: without config.json we still try the cache.
+      if (useCache && e instanceof FormatError && source instanceof CachedOnlySource) return { config: null };
+      throw e;
+    });
+    if (config) {
+      const plan = planFor(config, planSettingsFor(this.pending, format), gpu.caps);
+      this.emit({ type: 'memory-plan', plan, lines: formatMemoryPlan(plan) });
+      const tooLarge = plan.problems.find((p) => p.kind === 'buffer-too-large');
+      if (tooLarge) throw new Error(`${tooLarge.message} ${tooLarge.fix}`);
+    }
+    const meter = new RateMeter();
+    const onProgress = (p: LoadProgress) => {
+      const rate = meter.add(p.bytesDone);
+      if (!meter.due() && p.bytesDone < p.bytesTotal) return;
+      const eta = rate > 0 ? (p.bytesTotal - p.bytesDone) / rate : null;
+      this.emit({ type: 'load-progress', phase: p.phase, file: p.file, bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, rate, etaSeconds: eta });
+    };
+    const cache = useCache ? await this.env.modelCache().catch(() => null) : null;
+    const model = await this.serial(() => loadLlama(gpu, source, { format, onProgress, cache }));
+    this.emit({ type: 'load-progress', phase: 'tokenizer', file: 'tokenizer.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
+    let tokenizer: ChatTokenizer;
+    try {
+      tokenizer = await loadTokenizer(model.files);
+    } catch (e) {
+      model.weights.release();
+      throw e;
+    }
+    if (!tokenizer.hasChatTemplate) {
+      model.weights.release();
+      throw new Error(`${label} has no chat template, so it cannot play the Challenger and Solver roles. Pick an instruction-tuned (chat) model, e.g. one whose name ends in -Instruct.`);
+    }
+    const cfg = model.weights.config;
+    const info: ModelInfo = {
+      label,
+      format,
+      fromCache: model.fromCache,
+      cacheNote: model.cacheError ? model.cacheError.message : null,
+      layers: cfg.numLayers,
+      hiddenSize: cfg.hiddenSize,
+      vocabSize: cfg.vocabSize,
+      gpuBytes: model.weights.bytes,
+      hasChatTemplate: tokenizer.hasChatTemplate,
+    };
+    this.loaded = { model, tokenizer, ref, format, info };
+    this.emit({ type: 'load-progress', phase: 'done', file: '', bytesDone: 1, bytesTotal: 1, rate: 0, etaSeconds: 0 });
+    this.emit({ type: 'model-loaded', info });
+    return this.loaded;
+  }
+
+  private async listCached(): Promise<CachedModelInfo[]> {
+    const cache = await this.env.modelCache().catch(() => null);
+    if (!cache) return [];
+    const list = await cache.list();
+    return list.map((m) => ({ key: m.key, source: m.source, revision: m.revision, format: m.format, bytes: m.bytes, createdAt: m.createdAt }));
+  }
+
+  // ---- runs -----------------------------------------------------------------------
+
+  private models(): TrainerModels {
+    const gpu = this.gpu;
+    if (!gpu || !this.loaded) throw new Error('No model is loaded: load one on the start screen first.');
+    return { gpu, model: this.loaded.model, tokenizer: this.loaded.tokenizer };
+  }
+
+  private requireTrainer(): Trainer {
+    if (!this.trainer) throw new Error('There is no run yet: start one (or import an adapter) first.');
+    return this.trainer;
+  }
+
+  private onTrainerEvent = (e: TrainerEvent): void => {
+    this.emit(e);
+    if (e.type === 'checkpoint') void this.saveMeta(e.iteration);
+  };
+
+  private async newRun(config: TrainerConfig, adapter?: PeftInput): Promise<void> {
+    const models = this.models();
+    await this.serial(async () => {
+      this.trainer?.release();
+      this.trainer = null;
+      const store = (this.store ??= await this.env.runStore());
+      await store.clear();
+      this.trainer = await this.env.trainers.start(models, config, { store, adapter, onEvent: this.onTrainerEvent });
+      this.pending = config;
+    });
+    await this.saveMeta(this.trainer!.iteration);
+    this.setState('paused');
+  }
+
+  private async saveMeta(iteration: number): Promise<void> {
+    if (!this.loaded || !this.trainer) return;
+    const info: SavedRunInfo = {
+      model: this.loaded.ref,
+      modelLabel: this.loaded.info.label,
+      format: this.loaded.format,
+      iteration,
+      savedAt: new Date().toISOString(),
+      config: this.trainer.config,
+    };
+    try {
+      await this.env.runMeta.save(info);
+      this.emit({ type: 'saved-run', info });
+    } catch (e) {
+      this.emit({ type: 'error', context: 'storage', error: errorInfo(e), runPreserved: true });
+    }
+  }
+
+  private async savedRun(): Promise<SavedRunInfo | null> {
+    try {
+      return await this.env.runMeta.load();
+    } catch {
+      return null;
+    }
+  }
+
+  private async resumeSaved(token?: string, files?: { path: string; file: File }[]): Promise<RunInfo> {
+    const saved = await this.savedRun();
+    if (!saved) throw new Error('There is no saved run in this browser.');
+    await this.stopLoop();
+    const ref = saved.model;
+    let source: ModelSource;
+    if (ref.kind === 'files') {
+      if (files && files.length > 0) {
+        source = sourceFor({ kind: 'files', name: ref.name, files }, token);
+      } else {
+        source = new CachedOnlySource(ref.name, ref.revision);
+      }
+    } else {
+      source = sourceFor(ref, token);
+    }
+    this.pending = saved.config;
+    await this.load(source, ref, saved.format, true);
+    const models = this.models();
+    const store = (this.store ??= await this.env.runStore());
+    const trainer = await this.serial(() => this.env.trainers.resume(models, store, { onEvent: this.onTrainerEvent }));
+    if (!trainer) throw new Error('The saved run has no checkpoint to continue from (it was saved before its first iteration finished). Start a new run.');
+    this.trainer = trainer;
+    this.setState('paused');
+    return this.runInfo();
+  }
+
+  private runInfo(): RunInfo {
+    const t = this.requireTrainer();
+    return { iteration: t.iteration, config: t.config, history: t.history.slice(), games: t.games.slice() };
+  }
+
+  private setState(state: RunState): void {
+    this.state = state;
+    this.emit({ type: 'run-state', state, iteration: this.trainer?.iteration ?? 0 });
+  }
+
+  /** Steps until `count` iterations ran, the run is paused, or a step fails. */
+  private runLoop(count: number): void {
+    const trainer = this.requireTrainer();
+    this.setState('running');
+    const loop = (async () => {
+      for (let done = 0; done < count && this.state === 'running' && this.trainer === trainer; done++) {
+        try {
+          await this.serial(() => trainer.step());
+        } catch (e) {
+          if (this.trainer !== trainer) return;
+          const info = errorInfo(e);
+          const context: ErrorContext = /storage|quota/i.test(info.message) ? 'storage' : 'run';
+          this.emit({ type: 'error', context, error: info, runPreserved: true });
+          break;
+        }
+      }
+      if (this.trainer === trainer) this.setState('paused');
+    })();
+    this.loop = loop;
+  }
+
+  private async stopLoop(): Promise<void> {
+    if (this.state === 'running') this.setState('pausing');
+    await this.loop;
+    this.loop = null;
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(fn, fn);
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+}
+
+/** adapter_config.json and adapter_model.safetensors from picked files (other files are ignored). */
+export function peftInput(files: readonly { name: string; bytes: ArrayBuffer }[]): PeftInput {
+  const byName = new Map(files.map((f) => [f.name.split('/').pop()!, f.bytes]));
+  const config = byName.get('adapter_config.json');
+  const weights = byName.get('adapter_model.safetensors');
+  const names = files.map((f) => f.name).join(', ') || 'none';
+  if (!config) throw new FormatError('adapter_config.json', null, `was not among the picked files (${names})`, 'Pick both adapter_config.json and adapter_model.safetensors of a PEFT LoRA adapter.');
+  if (!weights) throw new FormatError('adapter_model.safetensors', null, `was not among the picked files (${names})`, 'Pick both adapter_config.json and adapter_model.safetensors of a PEFT LoRA adapter (adapter_model.bin is not supported).');
+  return { 'adapter_config.json': new Uint8Array(config), 'adapter_model.safetensors': new Uint8Array(weights) };
+}

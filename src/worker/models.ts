@@ -1,0 +1,92 @@
+/**
+ * Model choices as the page offers them, turned into ModelSources in the worker, plus
+ * the numbers shown before a download: parameter count, download size and the
+ * engine's memory plan for the run shape the settings imply.
+ */
+import { FormatError } from '../formats/errors';
+import { llamaTensorShapes, type LlamaConfig } from '../formats/llama-config';
+import { planMemory, type MemoryPlan, type RunShape } from '../model/memory';
+import { DroppedFilesSource, hubModelSource, servedModelSource, type ModelSource } from '../model/source';
+import type { ModelChoice, ModelRef, PlanSettings } from './protocol';
+
+
+/** Files dropped on the page, keyed by their path inside the dropped folder. */
+export function droppedSource(name: string, files: readonly { path: string; file: File }[]): DroppedFilesSource {
+  // Only the folder's top level holds a Hugging Face checkpoint; deeper files (e.g. original/) are not needed.
+  const top = files.filter((f) => f.path.length > 0 && !f.path.includes('/'));
+  if (top.length === 0) {
+    throw new FormatError(name, null, 'holds no files at its top level', 'Drop the model folder itself (config.json, tokenizer files and safetensors files).');
+  }
+  return new DroppedFilesSource(
+    top.map((f) => (f.file.name === f.path ? f.file : new File([f.file], f.path, { lastModified: f.file.lastModified, type: f.file.type }))),
+    name,
+  );
+}
+
+export function sourceFor(m: ModelChoice, token?: string): ModelSource {
+  if (m.kind === 'hub') return hubModelSource(m.id.trim(), { token: token || undefined, revision: m.revision });
+  if (m.kind === 'served') return servedModelSource(m.folder);
+  return droppedSource(m.name, m.files);
+}
+
+export function refFor(m: ModelChoice, source: ModelSource): ModelRef {
+  if (m.kind === 'files') return { kind: 'files', name: m.name, revision: source.revision ?? '' };
+  return m;
+}
+
+/**
+ * A saved run's dropped-files model without the files: it names the same cache entry,
+ * so the model loads from the cache; anything else asks for the files again.
+ */
+export class CachedOnlySource implements ModelSource {
+  constructor(
+    readonly name: string,
+    readonly revision: string,
+  ) {}
+
+  private missing(): never {
+    throw new FormatError(this.name, null, 'came from dropped files and is not in the model cache any more', 'Drop the same model folder again to continue the saved run.');
+  }
+
+  has(): Promise<boolean> {
+    return Promise.resolve(this.missing());
+  }
+  open(): Promise<never> {
+    return Promise.resolve(this.missing());
+  }
+  readJson(): Promise<never> {
+    return Promise.resolve(this.missing());
+  }
+  readText(): Promise<never> {
+    return Promise.resolve(this.missing());
+  }
+}
+
+export function runShape(s: PlanSettings): RunShape {
+  return {
+    format: s.format,
+    loraRank: s.loraRank,
+    loraTargets: s.loraTargets,
+    groupSize: s.groupSize,
+    maxPromptTokens: s.maxPromptTokens,
+    maxNewTokens: s.maxNewTokens,
+    trainTokensPerStep: s.microBatch * (s.maxPromptTokens + s.maxNewTokens),
+    checkpointing: true,
+  };
+}
+
+export function planFor(config: LlamaConfig, s: PlanSettings, limits: { maxBufferSize: number; maxStorageBufferBindingSize: number }): MemoryPlan {
+  return planMemory(config, runShape(s), limits);
+}
+
+const DTYPE_BYTES: Record<string, number> = { bfloat16: 2, float16: 2, float32: 4 };
+
+export function parameterCount(config: LlamaConfig): number {
+  let n = 0;
+  for (const shape of llamaTensorShapes(config).values()) n += shape.reduce((a, b) => a * b, 1);
+  return n;
+}
+
+export function downloadBytes(config: LlamaConfig): number {
+  return parameterCount(config) * (DTYPE_BYTES[config.torchDtype ?? 'bfloat16'] ?? 2);
+}
