@@ -107,11 +107,13 @@ export function GameCard({ game, full = false }: { game: GameRecord; full?: bool
 }
 
 function Answer({ answer: a, index, full }: { answer: AnswerRecord; index: number; full: boolean }) {
+  // The arithmetic world's answers are one number token by design: not cut short.
+  const oneToken = useLab((s) => s.runConfig?.world === 'arithmetic');
   return (
     <div className="answer" data-testid="answer">
       <h4>
         Solver · answer {index + 1}
-        {a.finishReason === 'length' && <span className="hint"> (cut at the length limit)</span>}
+        {a.finishReason === 'length' && !oneToken && <span className="hint"> (cut at the length limit)</span>}
       </h4>
       <p className="model-text" data-testid="answer-text">
         {a.text}

@@ -1,0 +1,227 @@
+/**
+ * The worker's Lab in Node: the real GPU runtime (Dawn), loader and model cache, the
+ * models/ folder served by the lab's own Vite config, and a scripted trainer whose
+ * steps the test releases one at a time. Checks the run state machine (start, pause
+ * after the iteration in flight, step, resume, reset), errors that keep the run, the
+ * saved run picked up by a fresh Lab (a page reload), and device loss.
+ */
+import { resolve } from 'node:path';
+import { createServer, type ViteDevServer } from 'vite';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Gpu } from '../../src/gpu/gpu';
+import { acquireNodeGpu } from '../../src/gpu/node';
+import { MemoryModelCache } from '../../src/model/cache';
+import type { TrainerConfig } from '../../src/selfplay/config';
+import { MemoryRunStore } from '../../src/selfplay/store';
+import type { IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
+import { Lab, type LabEnvironment, type Trainer, type TrainerFactory } from '../../src/worker/lab';
+import type { LabEvent, SavedRunInfo } from '../../src/worker/protocol';
+
+/** A trainer whose every step waits until the test calls release(); a step can be told to fail. */
+class ScriptedTrainer implements Trainer {
+  iteration = 0;
+  history: IterationMetrics[] = [];
+  games = [];
+  onEvent: (e: TrainerEvent) => void;
+  failNext: Error | null = null;
+  private gates: (() => void)[] = [];
+  private waiting: ((n: number) => void) | null = null;
+
+  constructor(
+    readonly config: TrainerConfig,
+    onEvent?: (e: TrainerEvent) => void,
+  ) {
+    this.onEvent = onEvent ?? (() => undefined);
+  }
+
+  /** Waits until a step is under way, then lets it finish. */
+  async finishStep(): Promise<void> {
+    while (this.gates.length === 0) await new Promise<number>((r) => (this.waiting = r));
+    this.gates.shift()!();
+    await new Promise((r) => setTimeout(r, 5));
+  }
+
+  async step(): Promise<IterationMetrics> {
+    await new Promise<void>((r) => {
+      this.gates.push(r);
+      this.waiting?.(this.gates.length);
+    });
+    if (this.failNext) {
+      const e = this.failNext;
+      this.failNext = null;
+      throw e;
+    }
+    const metrics: IterationMetrics = { iteration: this.iteration, time: Date.now(), values: { reward: this.iteration } };
+    this.history.push(metrics);
+    this.iteration++;
+    this.onEvent({ type: 'iteration', metrics });
+    this.onEvent({ type: 'checkpoint', iteration: this.iteration, bytes: 10 });
+    return metrics;
+  }
+  checkpoint(): Promise<void> {
+    return Promise.resolve();
+  }
+  exportFiles(): Promise<RunFiles> {
+    return Promise.resolve(new Map([['metrics.json', new TextEncoder().encode(JSON.stringify(this.history))]]));
+  }
+  importAdapter(): void {}
+  evaluate(): never {
+    throw new Error('not scripted');
+  }
+  release(): void {}
+}
+
+describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite config)', () => {
+  let server: ViteDevServer;
+  let gpu: Gpu;
+  const cache = new MemoryModelCache();
+  const store = new MemoryRunStore('current');
+  let meta: SavedRunInfo | null = null;
+  const trainers: ScriptedTrainer[] = [];
+  const resumed: number[] = [];
+  const factory: TrainerFactory = {
+    start: async (_models, config, opts) => {
+      const t = new ScriptedTrainer(config, opts.onEvent);
+      trainers.push(t);
+      return t;
+    },
+    resume: async (_models, s, opts) => {
+      const files = await s.load();
+      if (!files) return null;
+      const t = new ScriptedTrainer(meta!.config, opts.onEvent);
+      t.iteration = meta!.iteration;
+      resumed.push(t.iteration);
+      trainers.push(t);
+      return t;
+    },
+  };
+  const env = (): LabEnvironment => ({
+    acquireGpu: () => Promise.resolve(gpu),
+    modelCache: () => Promise.resolve(cache),
+    runStore: () => Promise.resolve(store),
+    runMeta: {
+      load: () => Promise.resolve(meta),
+      save: (info) => Promise.resolve(void (meta = info)),
+      clear: () => Promise.resolve(void (meta = null)),
+    },
+    trainers: factory,
+  });
+
+  beforeAll(async () => {
+    server = await createServer({ root: process.cwd(), configFile: resolve(process.cwd(), 'vite.config.ts'), logLevel: 'error', server: { host: '127.0.0.1', port: 0 } });
+    await server.listen();
+    // servedModelSource resolves /models/<folder> against the page's origin.
+    (globalThis as { location?: unknown }).location = new URL(server.resolvedUrls!.local[0]!);
+    gpu = await acquireNodeGpu();
+  });
+  afterAll(async () => {
+    delete (globalThis as { location?: unknown }).location;
+    await server?.close();
+  });
+
+  const make = () => {
+    const events: LabEvent[] = [];
+    return { lab: new Lab(env(), (e) => events.push(e)), events };
+  };
+  const states = (events: LabEvent[]) => events.filter((e) => e.type === 'run-state').map((e) => (e as { state: string }).state);
+  const trainer = () => trainers.at(-1)!;
+
+  it('loads a served model with progress, memory plan and the cache; runs, pauses after the iteration in flight, steps, exports', async () => {
+    const { lab, events } = make();
+    const check = await lab.handle('check', {});
+    expect(check.capabilities.error).toBeNull();
+    expect(check.capabilities.caps?.adapterName).toBe(gpu.caps.adapterName);
+    expect(check.savedRun).toBeNull();
+
+    const plan = await lab.handle('planModel', {
+      model: { kind: 'served', folder: 'tiny-llama' },
+      settings: { format: 'f32', loraRank: 4, loraTargets: ['q_proj'], groupSize: 2, maxPromptTokens: 64, maxNewTokens: 8, microBatch: 2 },
+    });
+    expect(plan).toMatchObject({ label: 'models/tiny-llama', layers: 2, hiddenSize: 64, vocabSize: 128256, architecture: 'LlamaForCausalLM' });
+    expect(plan.parameters).toBe(128256 * 64 + 2 * (64 * 2 + 64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3) + 64);
+    expect(plan.plan.total).toBeGreaterThan(plan.plan.weights);
+
+    const info = await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    expect(info).toMatchObject({ label: 'models/tiny-llama', format: 'f32', fromCache: false, layers: 2, hasChatTemplate: true, cacheNote: null });
+    const progress = events.filter((e) => e.type === 'load-progress' && e.phase === 'weights');
+    expect(progress.length).toBeGreaterThan(0);
+    const last = progress.at(-1) as Extract<LabEvent, { type: 'load-progress' }>;
+    expect(last.bytesDone).toBe(last.bytesTotal);
+    expect(last.bytesTotal).toBeGreaterThan(8e6);
+    expect(events.some((e) => e.type === 'memory-plan')).toBe(true);
+    expect((await lab.handle('listCached', {})).map((c) => c.source)).toEqual(['models/tiny-llama']);
+    const again = await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    expect(again.fromCache).toBe(true);
+    expect(events.some((e) => e.type === 'load-progress' && e.phase === 'cache-read')).toBe(true);
+
+    // Start: steps keep coming until pause; pause lets the step in flight finish.
+    await lab.handle('start', { config: { world: 'arithmetic', mode: 'lsp-zero', queriesPerIteration: 2, groupSize: 2 } });
+    const t = trainer();
+    expect(t.config.world).toBe('arithmetic');
+    await t.finishStep();
+    await t.finishStep();
+    const paused = lab.handle('pause', {});
+    expect(states(events).at(-1)).toBe('pausing');
+    await t.finishStep();
+    expect(await paused).toEqual({ iteration: 3 });
+    expect(states(events).slice(-2)).toEqual(['pausing', 'paused']);
+    const stepping = lab.handle('step', {});
+    await t.finishStep();
+    expect(await stepping).toEqual({ iteration: 4 });
+    expect(states(events).slice(-2)).toEqual(['running', 'paused']);
+    expect(meta?.iteration).toBe(4);
+    expect(meta?.model).toEqual({ kind: 'served', folder: 'tiny-llama' });
+
+    const exported = await lab.handle('exportRun', {});
+    expect(exported.files.map((f) => f.name)).toEqual(['metrics.json']);
+    expect(JSON.parse(new TextDecoder().decode(exported.files[0]!.bytes))).toHaveLength(4);
+  });
+
+  it('reports a failed step (storage full) with the run kept, and refuses a bad adapter with the file named', async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    await lab.handle('start', { config: { world: 'arithmetic', queriesPerIteration: 2, groupSize: 2 } });
+    const t = trainer();
+    await t.finishStep();
+    t.failNext = new Error('Storage full: the checkpoint needs 5 MB; the previous checkpoint is kept');
+    await t.finishStep();
+    const err = events.find((e) => e.type === 'error') as Extract<LabEvent, { type: 'error' }>;
+    expect(err).toMatchObject({ context: 'storage', runPreserved: true, error: { message: expect.stringContaining('Storage full') } });
+    expect(states(events).at(-1)).toBe('paused');
+    expect((await lab.handle('exportRun', {})).files).toHaveLength(1);
+
+    await expect(lab.handle('importAdapter', { files: [{ name: 'adapter_config.json', bytes: new TextEncoder().encode('{}').buffer as ArrayBuffer }] })).rejects.toThrow(
+      /adapter_model\.safetensors: was not among the picked files/,
+    );
+    await expect(lab.handle('updateSettings', { config: { groupSize: 0 } })).rejects.toMatchObject({ name: 'ConfigError', field: 'groupSize' });
+  });
+
+  it('a fresh lab (a page reload) finds the saved run and resumes it with the model from the cache', async () => {
+    expect(meta?.iteration).toBe(1);
+    const { lab, events } = make();
+    const check = await lab.handle('check', {});
+    expect(check.savedRun).toMatchObject({ modelLabel: 'models/tiny-llama', format: 'f32', iteration: 1 });
+    // No checkpoint files yet in the scripted store: the trainer has nothing to resume from.
+    await expect(lab.handle('resumeSaved', {})).rejects.toThrow(/no checkpoint/);
+    await store.save(new Map([['trainer_state.json', new Uint8Array([1])]]));
+    const run = await lab.handle('resumeSaved', {});
+    expect(run.iteration).toBe(1);
+    expect(resumed).toEqual([1]);
+    expect(events.some((e) => e.type === 'model-loaded' && e.info.fromCache)).toBe(true);
+    await lab.handle('resetRun', {});
+    expect(meta).toBeNull();
+    expect(await store.load()).toBeNull();
+    expect(events.at(-1)).toEqual({ type: 'saved-run', info: null });
+  });
+
+  it('turns a lost device into a message and drops the model', async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    gpu.device.destroy();
+    await new Promise((r) => setTimeout(r, 200));
+    const err = events.find((e) => e.type === 'error') as Extract<LabEvent, { type: 'error' }>;
+    expect(err).toMatchObject({ context: 'gpu', runPreserved: true, error: { name: 'GpuDeviceLostError', message: expect.stringContaining('Reload the model') } });
+    expect(events.some((e) => e.type === 'model-unloaded')).toBe(true);
+  });
+});
