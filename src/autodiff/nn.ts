@@ -5,6 +5,7 @@
  */
 import type { Tensor } from '../gpu/tensor';
 import { attentionBackward, attentionForward } from '../kernels/attention';
+import { embeddingForwardF32, scatterAddRowsF32 } from '../kernels/embedding';
 import type { FrozenLinear } from '../kernels/linear';
 import { lmHeadBackward, lmHeadForward } from '../kernels/lmhead';
 import { matmul } from '../kernels/matmul';
@@ -162,4 +163,25 @@ export function tokenLogp(
   const N = h.value.size / proj.C;
   const outs = tokenLogpOp(tape, [h], { proj, targets, N, temperature: opts.temperature ?? 1, entropy: !!opts.entropy });
   return { logp: outs[0]!, entropy: outs[1] ?? null };
+}
+
+const gatherRowsOp = op<{ rows: Tensor; M: number; N: number; C: number }>({
+  name: 'gatherRows',
+  forward: (tape, [x], { rows, M, C }) => {
+    const out = tape.gpu.empty([M, C]);
+    embeddingForwardF32(tape.gpu, out, rows, x!.value, M, C);
+    return { outputs: [out] };
+  },
+  backward: (tape, [g], _inputs, _saved, _outputs, { rows, M, N, C }) => {
+    const dx = tape.gpu.zeros([N, C]);
+    scatterAddRowsF32(tape.gpu, dx, rows, g!, M, N, C);
+    return [dx];
+  },
+});
+
+/** x[rows[m], :] for m < M (x [N, C], rows u32 [M], distinct): picks the rows that are scored. */
+export function gatherRows(tape: Tape, x: Var, rows: Tensor, M: number): Var {
+  const N = x.value.shape[0]!;
+  const C = x.value.size / N;
+  return gatherRowsOp(tape, [x], { rows, M, N, C })[0]!;
 }

@@ -133,3 +133,36 @@ function checkShapes(out: Tensor, ids: Tensor, N: number, C: number): void {
   if (ids.dtype !== 'u32' && ids.dtype !== 'i32') throw new Error(`embedding: ids ${ids} must be u32`);
   if (ids.size < N) throw new Error(`embedding: ids ${ids} has fewer than ${N} entries`);
 }
+
+const scatterKernel = kernelCache((vec4: boolean) => {
+  const T = vec4 ? 'vec4<f32>' : 'f32';
+  return {
+    label: `scatter_rows_f32${vec4 ? ' vec4' : ''}`,
+    code: /* wgsl */ `
+struct Params { M: u32, C: u32, N: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> dst: array<${T}>;  // [N, C]
+@group(0) @binding(2) var<storage, read> rows: array<u32>;       // [M], distinct
+@group(0) @binding(3) var<storage, read> src: array<${T}>;       // [M, C]
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let m = ${WG_LINEAR};
+  if (m >= p.M) { return; }
+  let row = rows[m];
+  if (row >= p.N) { return; }
+  let width = p.C / ${vec4 ? 4 : 1}u;
+  for (var c = lid; c < width; c += ${WG}u) { dst[row * width + c] += src[m * width + c]; }
+}`,
+  };
+});
+
+/**
+ * dst[rows[m], :] += src[m, :] for m < M (dst [N, C], src [M, C]): the backward of a row
+ * gather. Rows must be distinct (no atomics); rows >= N are skipped.
+ */
+export function scatterAddRowsF32(gpu: Gpu, dst: Tensor, rows: Tensor, src: Tensor, M: number, N: number, C: number): void {
+  if (dst.dtype !== 'f32' || dst.size < N * C) throw new Error(`scatterAddRowsF32: dst ${dst} is not [${N}, ${C}] f32`);
+  if (src.dtype !== 'f32' || src.size < M * C) throw new Error(`scatterAddRowsF32: src ${src} is not [${M}, ${C}] f32`);
+  if (rows.dtype !== 'u32' || rows.size < M) throw new Error(`scatterAddRowsF32: rows ${rows} must be u32 [${M}]`);
+  gpu.dispatch(scatterKernel(C % 4 === 0), [dst, rows, src], grid(M), new Params().u32(M).u32(C).u32(N));
+}

@@ -8,12 +8,16 @@ import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { WG_LINEAR, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
-const WG = 256;
+/**
+ * Threads per row: enough to cover C in a few passes, 256 at most. Narrow rows get
+ * narrow workgroups (fewer idle lanes per barrier; software adapters run every lane).
+ */
+export function rmsnormWorkgroup(C: number): number {
+  return C <= 128 ? 32 : C <= 1024 ? 64 : 256;
+}
 
-const reduceSnippet = workgroupReduceWgsl(WG, ['sum']);
-
-const forwardKernel = kernelCache(() => ({
-  label: 'rmsnorm_forward',
+const forwardKernel = kernelCache((WG: number) => ({
+  label: `rmsnorm_forward wg${WG}`,
   code: /* wgsl */ `
 struct Params { N: u32, C: u32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,7 +25,7 @@ struct Params { N: u32, C: u32, eps: f32 }
 @group(0) @binding(2) var<storage, read_write> rstd: array<f32>;  // [N]
 @group(0) @binding(3) var<storage, read> x: array<f32>;           // [N, C]
 @group(0) @binding(4) var<storage, read> w: array<f32>;           // [C]
-${reduceSnippet}
+${workgroupReduceWgsl(WG, ['sum'])}
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
   let n = ${WG_LINEAR};
@@ -35,8 +39,8 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
 }`,
 }));
 
-const backwardKernel = kernelCache(() => ({
-  label: 'rmsnorm_backward_dx',
+const backwardKernel = kernelCache((WG: number) => ({
+  label: `rmsnorm_backward_dx wg${WG}`,
   code: /* wgsl */ `
 struct Params { N: u32, C: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,7 +49,7 @@ struct Params { N: u32, C: u32 }
 @group(0) @binding(3) var<storage, read> x: array<f32>;           // [N, C]
 @group(0) @binding(4) var<storage, read> rstd: array<f32>;        // [N]
 @group(0) @binding(5) var<storage, read> w: array<f32>;           // [C]
-${reduceSnippet}
+${workgroupReduceWgsl(WG, ['sum'])}
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
   let n = ${WG_LINEAR};
@@ -81,7 +85,7 @@ fn main(@builtin(global_invocation_id) gid: vec3u) {
 }));
 
 export function rmsnormForward(gpu: Gpu, out: Tensor, rstd: Tensor, x: Tensor, w: Tensor, N: number, C: number, eps: number): void {
-  gpu.dispatch(forwardKernel(), [out, rstd, x, w], grid(N), new Params().u32(N).u32(C).f32(eps));
+  gpu.dispatch(forwardKernel(rmsnormWorkgroup(C)), [out, rstd, x, w], grid(N), new Params().u32(N).u32(C).f32(eps));
 }
 
 /** dx = (written); dw += when given (norm weights are frozen during LoRA training). */
@@ -96,6 +100,6 @@ export function rmsnormBackward(
   N: number,
   C: number,
 ): void {
-  gpu.dispatch(backwardKernel(), [dx, dout, x, rstd, w], grid(N), new Params().u32(N).u32(C));
+  gpu.dispatch(backwardKernel(rmsnormWorkgroup(C)), [dx, dout, x, rstd, w], grid(N), new Params().u32(N).u32(C));
   if (dw) gpu.dispatch(weightGradKernel(), [dw, dout, x, rstd], [Math.ceil(C / 64)], new Params().u32(N).u32(C));
 }

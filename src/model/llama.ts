@@ -22,7 +22,7 @@
  * [N, C] and recomputes the layer during backward(dlogp), where LoRA grads accumulate
  * (+=) into the adapter's grad buffers.
  */
-import { attention, linear, rope, tokenLogp, type Lora } from '../autodiff/nn';
+import { attention, gatherRows, linear, rope, tokenLogp, type Lora } from '../autodiff/nn';
 import { add, rmsnorm, swiglu } from '../autodiff/ops';
 import { Tape, leaf, type Var } from '../autodiff/tape';
 import type { Gpu } from '../gpu/gpu';
@@ -54,12 +54,18 @@ export interface LogprobOptions {
   entropy?: boolean;
   /** record a tape for backward (LoRA training); default false */
   train?: boolean;
+  /**
+   * Score only these rows of the batch (distinct indices into [B*T]): the LM head runs
+   * on M rows instead of B*T, and logp, entropy and dlogp are [M] in this order. The
+   * rows a trainer needs are the completion tokens', so prompt rows cost no LM head.
+   */
+  rows?: ArrayLike<number>;
 }
 
 export interface LogprobPass {
-  /** [B*T] log p(target) per row; 0 on ignored rows */
+  /** [B*T] log p(target) per row; 0 on ignored rows ([M] with `rows`) */
   logp: Tensor;
-  /** [B*T] entropy per row (also computed on ignored rows: mask them), or null */
+  /** [B*T] entropy per row (also computed on ignored rows: mask them), or null ([M] with `rows`) */
   entropy: Tensor | null;
   /** The recorded tape (train only); owns logp and entropy until release(). */
   tape: Tape | null;
@@ -82,11 +88,24 @@ export function sequenceLogprobs(
 ): LogprobPass {
   const train = opts.train ?? false;
   const { B, T } = checkBatch(weights, batch);
-  const N = B * T;
+  let N = B * T;
   const tape = new Tape(gpu, train);
   try {
-    const targets = tape.own(gpu.upload(batchTargets(batch, weights.config.vocabSize), [N], 'u32', 'llama.targets'));
-    const h = finalHidden(tape, weights, lora, batch);
+    let allTargets = batchTargets(batch, weights.config.vocabSize);
+    let h = finalHidden(tape, weights, lora, batch);
+    if (opts.rows) {
+      const rows = Uint32Array.from(opts.rows);
+      if (rows.length === 0) throw new Error('sequenceLogprobs: rows is empty');
+      const seen = new Set<number>();
+      for (const r of rows) {
+        if (r >= N || seen.has(r)) throw new Error(`sequenceLogprobs: row ${r} is out of range or repeated (B*T = ${N})`);
+        seen.add(r);
+      }
+      allTargets = Uint32Array.from(rows, (r) => allTargets[r]!);
+      h = gatherRows(tape, h, tape.own(gpu.upload(rows, [rows.length], 'u32', 'llama.rows')), rows.length);
+      N = rows.length;
+    }
+    const targets = tape.own(gpu.upload(allTargets, [N], 'u32', 'llama.targets'));
     const out = tokenLogp(tape, h, weights.lmHead, targets, { temperature: opts.temperature ?? 1, entropy: !!opts.entropy });
     if (!train) {
       const logp = tape.disown(out.logp.value);

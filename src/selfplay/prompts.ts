@@ -113,17 +113,16 @@ export function numberTokenIds(encode: (text: string) => number[], max: number):
   return out;
 }
 
-export function arithmeticChallengerMessages(maxOperand: number): ChatMessage[] {
-  return [
-    {
-      role: 'user',
-      content: `Pose an addition problem a + b for another agent, with whole numbers a and b from 0 to ${maxOperand}. Make it as hard as you can for the agent. Write a, then b, nothing else.`,
-    },
-  ];
+/**
+ * The toy world's prompts are bare text (no chat template). The Challenger continues
+ * this prompt with two number tokens, a and b; the Solver continues the query with one.
+ */
+export function arithmeticChallengerPrompt(maxOperand: number): string {
+  return `Hard addition problems for a student, two whole numbers from 0 to ${maxOperand}:`;
 }
 
 export function arithmeticQuery(a: number, b: number): string {
-  return `What is ${a} + ${b}? Answer with the number only.`;
+  return `${a} + ${b} =`;
 }
 
 // ---------------------------------------------------------------------------------

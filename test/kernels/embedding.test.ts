@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { Gpu } from '../../src/gpu/gpu';
 import type { Tensor } from '../../src/gpu/tensor';
-import { embeddingForward, embeddingForwardF32 } from '../../src/kernels/embedding';
+import { embeddingForward, embeddingForwardF32, scatterAddRowsF32 } from '../../src/kernels/embedding';
 import { embeddingRef } from '../../src/kernels/embedding.ref';
 import { Q4_BLOCK_BYTES, q4Blocks, releaseQ4, uploadQ4 } from '../../src/kernels/q4-layout';
 import { dequantizeQ4Ref, quantizeQ4Ref } from '../../src/kernels/q4.ref';
@@ -81,5 +81,24 @@ describe('embedding', () => {
     embeddingForwardF32(g, out, tids, table, N, C);
     await expectRows(g, out, embeddingRef(w, ids, N, C), 'out');
     for (const t of [table, tids, out]) t.release();
+  });
+  it.each([100, 70, 1])('scatterAddRowsF32 adds rows into place and leaves the others (C=%i)', async (C) => {
+    const g = gpu();
+    const rng = new Rng(900 + C);
+    const N = 37;
+    const rows = [5, 0, 36, 17, 3];
+    const M = rows.length;
+    const dst0 = rng.f32(N * C);
+    const src = rng.f32(M * C);
+    const want = Float64Array.from(dst0);
+    rows.forEach((r, m) => {
+      for (let c = 0; c < C; c++) want[r * C + c] += src[m * C + c]!;
+    });
+    const dst = g.upload(dst0, [N, C]);
+    const tr = g.upload(Uint32Array.from([...rows, N + 4]), [M + 1], 'u32');
+    const ts = g.upload(new Float32Array([...src, ...rng.f32(C)]), [M + 1, C]);
+    scatterAddRowsF32(g, dst, tr, ts, M + 1, N, C); // the last row index is out of range: skipped
+    expectClose(await g.readF32(dst), want, { atol: 1e-6, rtol: 1e-6, label: 'dst' });
+    for (const t of [dst, tr, ts]) t.release();
   });
 });

@@ -13,6 +13,7 @@ describe('rmsnorm', () => {
     [5, 256],
     [2, 1000],
     [17, 300],
+    [2, 3000],
   ])('forward matches the f64 reference (N=%i, C=%i)', async (N, C) => {
     const g = gpu();
     const rng = new Rng(N * 31 + C);
