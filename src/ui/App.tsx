@@ -5,6 +5,7 @@ import { AdapterPanel } from './components/AdapterPanel';
 import { Charts } from './components/Charts';
 import { GameHistory, LiveGames } from './components/GameView';
 import { Messages } from './components/Messages';
+import { RewardModelPanel } from './components/RewardModelPanel';
 import { RunControls } from './components/RunControls';
 import { SettingsPanel } from './components/Settings';
 import { StartScreen } from './components/StartScreen';
@@ -49,6 +50,7 @@ export function App({ actions }: { actions: LabActions }) {
               <RunControls />
               <AdapterPanel />
               <SettingsPanel />
+              <RewardModelPanel />
             </aside>
             <div className="main">
               <LiveGames />

@@ -59,6 +59,21 @@ export class LabActions {
     return !!info;
   }
 
+  async loadRewardModel(model: ModelChoice, token: string | undefined, format: WeightFormat): Promise<boolean> {
+    useLab.setState({ loading: true, progress: null });
+    const info = await this.guard('load', () => this.client.call('loadRewardModel', { model, token, format, useCache: true }));
+    useLab.setState({ loading: false });
+    if (info) {
+      useLab.setState({ rewardModel: info });
+      void this.refreshCached();
+    }
+    return !!info;
+  }
+
+  async unloadRewardModel(): Promise<void> {
+    if (await this.guard('settings', () => this.client.call('unloadRewardModel', {}))) useLab.setState({ rewardModel: null });
+  }
+
   async refreshCached(): Promise<void> {
     const cached = await this.guard('storage', () => this.client.call('listCached', {}));
     if (cached) useLab.setState({ cached });
@@ -72,7 +87,10 @@ export class LabActions {
   /** Validates a draft of the settings; returns the error message, or null when valid. */
   setDraft(config: TrainerConfig): string | null {
     try {
-      useLab.setState({ draft: makeConfig(config) });
+      const draft = makeConfig(config);
+      useLab.setState({ draft });
+      // The worker plans memory for a model load with these settings.
+      void this.client.call('updateSettings', { config: draft }).catch(() => undefined);
       return null;
     } catch (e) {
       return (e as Error).message;

@@ -21,6 +21,9 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
     case 'model-loaded':
       set({ model: e.info, loading: false });
       break;
+    case 'reward-model':
+      set({ rewardModel: e.info });
+      break;
     case 'model-unloaded':
       set({ model: null, runState: 'idle', loading: false });
       break;

@@ -26,6 +26,8 @@ export interface DeviceSlice {
 
 export interface ModelSlice {
   model: ModelInfo | null;
+  /** The reward model beside the policy (rewards.rewardModel), if one is loaded. */
+  rewardModel: ModelInfo | null;
   loading: boolean;
   progress: LoadProgressEvent | null;
   memoryPlan: { plan: MemoryPlan; lines: string[] } | null;
@@ -72,6 +74,7 @@ export const initialState: LabState = {
   capabilities: null,
   checking: true,
   model: null,
+  rewardModel: null,
   loading: false,
   progress: null,
   memoryPlan: null,

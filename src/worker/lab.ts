@@ -52,6 +52,7 @@ export interface TrainerModels {
   gpu: Gpu;
   model: LoadedModel;
   tokenizer: ChatTokenizer;
+  rewardModel?: { model: LoadedModel; tokenizer: ChatTokenizer };
 }
 
 export interface TrainerFactory {
@@ -112,6 +113,7 @@ export class Lab {
   private gpu: Gpu | null = null;
   private capabilities: CapabilityReport | null = null;
   private loaded: Loaded | null = null;
+  private rewardModel: Loaded | null = null;
   private trainer: Trainer | null = null;
   private store: RunStore | null = null;
   private pending: TrainerConfig = DEFAULT_CONFIG;
@@ -154,6 +156,19 @@ export class Lab {
       await this.stopLoop();
       const source = sourceFor(model, token);
       return (await this.load(source, refFor(model, source), format, useCache)).info;
+    },
+    loadRewardModel: async ({ model, token, format, useCache }) => {
+      const source = sourceFor(model, token);
+      return (await this.loadReward(source, refFor(model, source), format, useCache)).info;
+    },
+    unloadRewardModel: async () => {
+      if (this.trainer?.config.rewards.rewardModel.enabled) throw new Error('The run in progress scores with this reward model: reset the run (or start one without it) first.');
+      await this.serial(async () => {
+        this.rewardModel?.model.weights.release();
+        this.rewardModel = null;
+      });
+      this.emit({ type: 'reward-model', info: null });
+      return { ok: true as const };
     },
     start: async ({ config }) => {
       const cfg = makeConfig(config);
@@ -254,10 +269,12 @@ export class Lab {
     this.capabilities = null;
     this.trainer = null;
     this.loaded = null;
+    this.rewardModel = null;
     this.loop = null;
     this.queue = Promise.resolve();
     this.setState('idle');
     this.emit({ type: 'model-unloaded', reason: err.message });
+    this.emit({ type: 'reward-model', info: null });
     this.emit({ type: 'error', context: 'gpu', error: errorInfo(err), runPreserved: true });
     void this.savedRun().then((info) => this.emit({ type: 'saved-run', info }));
   }
@@ -265,7 +282,7 @@ export class Lab {
   // ---- models ---------------------------------------------------------------------
 
   private async load(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean): Promise<Loaded> {
-    const gpu = await this.requireGpu();
+    await this.requireGpu();
     await this.serial(async () => {
       this.trainer?.release();
       this.trainer = null;
@@ -273,6 +290,32 @@ export class Lab {
       this.loaded = null;
     });
     this.setState('idle');
+    this.loaded = await this.loadWeights(source, ref, format, useCache, 'policy');
+    this.emit({ type: 'model-loaded', info: this.loaded.info });
+    return this.loaded;
+  }
+
+  private async loadReward(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean): Promise<Loaded> {
+    await this.requireGpu();
+    const { config } = await readModelConfigs(source).catch((e: unknown) => {
+      if (useCache && source instanceof CachedOnlySource) return { config: null };
+      throw e;
+    });
+    if (config && config.architecture !== 'LlamaForSequenceClassification') {
+      throw new Error(`${modelLabel(ref)} is a ${config.architecture}, not a reward model: pick a LlamaForSequenceClassification checkpoint such as Skywork/Skywork-Reward-V2-Llama-3.2-1B.`);
+    }
+    const loaded = await this.loadWeights(source, ref, format, useCache, 'reward');
+    await this.serial(async () => {
+      this.rewardModel?.model.weights.release();
+      this.rewardModel = loaded;
+    });
+    this.emit({ type: 'reward-model', info: loaded.info });
+    return loaded;
+  }
+
+  /** Weights and tokenizer onto the GPU, with progress; the policy needs a chat template. */
+  private async loadWeights(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean, role: 'policy' | 'reward'): Promise<Loaded> {
+    const gpu = await this.requireGpu();
     const label = modelLabel(ref);
     this.emit({ type: 'load-progress', phase: 'config', file: 'config.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
     const { config } = await readModelConfigs(source).catch((e: unknown) => {
@@ -280,7 +323,7 @@ export class Lab {
       if (useCache && e instanceof FormatError && source instanceof CachedOnlySource) return { config: null };
       throw e;
     });
-    if (config) {
+    if (config && role === 'policy') {
       const plan = planFor(config, planSettingsFor(this.pending, format), gpu.caps);
       this.emit({ type: 'memory-plan', plan, lines: formatMemoryPlan(plan) });
       const tooLarge = plan.problems.find((p) => p.kind === 'buffer-too-large');
@@ -303,7 +346,7 @@ export class Lab {
       model.weights.release();
       throw e;
     }
-    if (!tokenizer.hasChatTemplate) {
+    if (role === 'policy' && !tokenizer.hasChatTemplate) {
       model.weights.release();
       throw new Error(`${label} has no chat template, so it cannot play the Challenger and Solver roles. Pick an instruction-tuned (chat) model, e.g. one whose name ends in -Instruct.`);
     }
@@ -319,10 +362,8 @@ export class Lab {
       gpuBytes: model.weights.bytes,
       hasChatTemplate: tokenizer.hasChatTemplate,
     };
-    this.loaded = { model, tokenizer, ref, format, info };
     this.emit({ type: 'load-progress', phase: 'done', file: '', bytesDone: 1, bytesTotal: 1, rate: 0, etaSeconds: 0 });
-    this.emit({ type: 'model-loaded', info });
-    return this.loaded;
+    return { model, tokenizer, ref, format, info };
   }
 
   private async listCached(): Promise<CachedModelInfo[]> {
@@ -337,7 +378,8 @@ export class Lab {
   private models(): TrainerModels {
     const gpu = this.gpu;
     if (!gpu || !this.loaded) throw new Error('No model is loaded: load one on the start screen first.');
-    return { gpu, model: this.loaded.model, tokenizer: this.loaded.tokenizer };
+    const rm = this.rewardModel;
+    return { gpu, model: this.loaded.model, tokenizer: this.loaded.tokenizer, ...(rm ? { rewardModel: { model: rm.model, tokenizer: rm.tokenizer } } : {}) };
   }
 
   private requireTrainer(): Trainer {
@@ -370,6 +412,7 @@ export class Lab {
       model: this.loaded.ref,
       modelLabel: this.loaded.info.label,
       format: this.loaded.format,
+      rewardModel: this.trainer.config.rewards.rewardModel.enabled && this.rewardModel ? { model: this.rewardModel.ref, format: this.rewardModel.format } : null,
       iteration,
       savedAt: new Date().toISOString(),
       config: this.trainer.config,
@@ -407,6 +450,11 @@ export class Lab {
     }
     this.pending = saved.config;
     await this.load(source, ref, saved.format, true);
+    if (saved.rewardModel && saved.config.rewards.rewardModel.enabled) {
+      const rm = saved.rewardModel.model;
+      const rmSource = rm.kind === 'files' ? new CachedOnlySource(rm.name, rm.revision) : sourceFor(rm, token);
+      await this.loadReward(rmSource, rm, saved.rewardModel.format, true);
+    }
     const models = this.models();
     const store = (this.store ??= await this.env.runStore());
     const trainer = await this.serial(() => this.env.trainers.resume(models, store, { onEvent: this.onTrainerEvent }));

@@ -51,6 +51,8 @@ export interface SavedRunInfo {
   model: ModelRef;
   modelLabel: string;
   format: WeightFormat;
+  /** The reward model the run scored with (rewards.rewardModel), loaded again on resume. */
+  rewardModel?: { model: ModelRef; format: WeightFormat } | null;
   iteration: number;
   savedAt: string;
   config: TrainerConfig;
@@ -111,6 +113,9 @@ export interface Commands {
   /** Reads config.json only and plans GPU memory for a run shape. */
   planModel: { args: { model: ModelChoice; token?: string; settings: PlanSettings }; result: ModelSummary };
   loadModel: { args: { model: ModelChoice; token?: string; format: WeightFormat; useCache: boolean }; result: ModelInfo };
+  /** A LlamaForSequenceClassification reward model beside the policy (for rewards.rewardModel). */
+  loadRewardModel: { args: { model: ModelChoice; token?: string; format: WeightFormat; useCache: boolean }; result: ModelInfo };
+  unloadRewardModel: { args: Record<string, never>; result: { ok: true } };
   /** Starts a new run with these settings (replacing the saved one) and keeps stepping until paused. */
   start: { args: { config: DeepPartial<TrainerConfig> }; result: RunInfo };
   /** Finishes the current iteration, then stops. */
@@ -168,6 +173,7 @@ export type LabEvent =
   | LoadProgressEvent
   | { type: 'memory-plan'; plan: MemoryPlan; lines: string[] }
   | { type: 'model-loaded'; info: ModelInfo }
+  | { type: 'reward-model'; info: ModelInfo | null }
   | { type: 'model-unloaded'; reason: string }
   | { type: 'run-state'; state: RunState; iteration: number }
   | { type: 'run-reset' }

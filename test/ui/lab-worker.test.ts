@@ -5,7 +5,8 @@
  * after the iteration in flight, step, resume, reset), errors that keep the run, the
  * saved run picked up by a fresh Lab (a page reload), and device loss.
  */
-import { resolve } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { createServer, type ViteDevServer } from 'vite';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Gpu } from '../../src/gpu/gpu';
@@ -14,8 +15,9 @@ import { MemoryModelCache } from '../../src/model/cache';
 import type { TrainerConfig } from '../../src/selfplay/config';
 import { MemoryRunStore } from '../../src/selfplay/store';
 import type { IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
-import { Lab, type LabEnvironment, type Trainer, type TrainerFactory } from '../../src/worker/lab';
+import { Lab, type LabEnvironment, type Trainer, type TrainerFactory, type TrainerModels } from '../../src/worker/lab';
 import type { LabEvent, SavedRunInfo } from '../../src/worker/protocol';
+import { syntheticModel, TINY_DIR } from '../helpers/model-files';
 
 /** A trainer whose every step waits until the test calls release(); a step can be told to fail. */
 class ScriptedTrainer implements Trainer {
@@ -79,8 +81,10 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
   let meta: SavedRunInfo | null = null;
   const trainers: ScriptedTrainer[] = [];
   const resumed: number[] = [];
+  let startedWith: TrainerModels | null = null;
   const factory: TrainerFactory = {
-    start: async (_models, config, opts) => {
+    start: async (models, config, opts) => {
+      startedWith = models;
       const t = new ScriptedTrainer(config, opts.onEvent);
       trainers.push(t);
       return t;
@@ -181,7 +185,22 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     const { lab, events } = make();
     await lab.handle('check', {});
     await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
-    await lab.handle('start', { config: { world: 'arithmetic', queriesPerIteration: 2, groupSize: 2 } });
+    // A reward model: a causal LM is refused by name; a sequence classifier (dropped files) loads beside the policy.
+    await expect(lab.handle('loadRewardModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: false })).rejects.toThrow(
+      /models\/tiny-llama is a LlamaForCausalLM, not a reward model/,
+    );
+    const rm = syntheticModel({ architecture: 'LlamaForSequenceClassification', vocab: 128256, hidden: 64, layers: 1 });
+    const rmFiles = Object.entries({ ...rm.files, 'tokenizer.json': readFileSync(join(TINY_DIR, 'tokenizer.json')), 'tokenizer_config.json': readFileSync(join(TINY_DIR, 'tokenizer_config.json')) }).map(
+      ([path, data]) => ({ path, file: new File([data as BlobPart], path) }),
+    );
+    const rmInfo = await lab.handle('loadRewardModel', { model: { kind: 'files', name: 'tiny-rm', files: rmFiles }, format: 'f32', useCache: true });
+    expect(rmInfo).toMatchObject({ label: 'tiny-rm', layers: 1, fromCache: false });
+    expect(events.filter((e) => e.type === 'reward-model').map((e) => (e as { info: { label: string } | null }).info?.label)).toEqual(['tiny-rm']);
+
+    await lab.handle('start', { config: { world: 'arithmetic', queriesPerIteration: 2, groupSize: 2, rewards: { rewardModel: { enabled: true, weight: 0.5 } } } });
+    expect(startedWith!.rewardModel?.model.weights.score).toBeTruthy();
+    expect(meta?.rewardModel).toEqual({ model: { kind: 'files', name: 'tiny-rm', revision: expect.any(String) }, format: 'f32' });
+    await expect(lab.handle('unloadRewardModel', {})).rejects.toThrow(/reset the run/);
     const t = trainer();
     await t.finishStep();
     t.failNext = new Error('Storage full: the checkpoint needs 5 MB; the previous checkpoint is kept');
@@ -209,6 +228,8 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     expect(run.iteration).toBe(1);
     expect(resumed).toEqual([1]);
     expect(events.some((e) => e.type === 'model-loaded' && e.info.fromCache)).toBe(true);
+    // The reward model came from dropped files: it is found again in the cache without them.
+    expect(events.some((e) => e.type === 'reward-model' && e.info?.label === 'tiny-rm' && e.info.fromCache)).toBe(true);
     await lab.handle('resetRun', {});
     expect(meta).toBeNull();
     expect(await store.load()).toBeNull();
