@@ -98,10 +98,9 @@ export class LabActions {
   }
 
   async start(): Promise<void> {
-    live.reset();
-    useLab.setState({ history: [], games: [], skipped: [], evaluation: null, lastCheckpoint: null });
+    // The worker announces the new run (run-reset) before its first event; the old run's view goes then.
     const run = await this.guard('run', () => this.client.call('start', { config: useLab.getState().draft }));
-    if (run) useLab.setState({ runConfig: run.config, iteration: run.iteration, history: run.history, games: run.games });
+    if (run) useLab.setState({ runConfig: run.config });
   }
 
   async pause(): Promise<void> {
@@ -113,7 +112,6 @@ export class LabActions {
   }
 
   async step(): Promise<void> {
-    if (!useLab.getState().runConfig) useLab.setState({ runConfig: useLab.getState().draft });
     await this.guard('run', () => this.client.call('step', { config: useLab.getState().draft }));
   }
 

@@ -32,7 +32,7 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
       break;
     case 'run-reset':
       buffer.reset();
-      set({ runConfig: null, history: [], games: [], iteration: 0, phase: null, skipped: [], lastCheckpoint: null, evaluation: null });
+      set({ runConfig: e.config, history: [], games: [], iteration: 0, phase: null, skipped: [], lastCheckpoint: null, evaluation: null });
       break;
     case 'saved-run':
       set({ savedRun: e.info });

@@ -229,7 +229,7 @@ export class Lab {
         await this.env.runMeta.clear();
       });
       this.setState('idle');
-      this.emit({ type: 'run-reset' });
+      this.emit({ type: 'run-reset', config: null });
       this.emit({ type: 'saved-run', info: null });
       return { ok: true as const };
     },
@@ -395,12 +395,15 @@ export class Lab {
   private async newRun(config: TrainerConfig, adapter?: PeftInput): Promise<void> {
     const models = this.models();
     await this.serial(async () => {
-      this.trainer?.release();
-      this.trainer = null;
       const store = (this.store ??= await this.env.runStore());
-      await store.clear();
-      this.trainer = await this.env.trainers.start(models, config, { store, adapter, onEvent: this.onTrainerEvent });
+      // The new run first: if it cannot start (bad settings, no reward model), the old one is untouched.
+      const next = await this.env.trainers.start(models, config, { store, adapter, onEvent: this.onTrainerEvent });
+      this.trainer?.release();
+      this.trainer = next;
       this.pending = config;
+      // Before any event of the new run: the page drops the old run's games and metrics.
+      this.emit({ type: 'run-reset', config: next.config });
+      await store.clear();
     });
     await this.saveMeta(this.trainer!.iteration);
     this.setState('paused');

@@ -176,7 +176,8 @@ export type LabEvent =
   | { type: 'reward-model'; info: ModelInfo | null }
   | { type: 'model-unloaded'; reason: string }
   | { type: 'run-state'; state: RunState; iteration: number }
-  | { type: 'run-reset' }
+  /** The run in view is gone: replaced by a new run with `config`, or reset (null). */
+  | { type: 'run-reset'; config: TrainerConfig | null }
   | { type: 'saved-run'; info: SavedRunInfo | null }
   | { type: 'error'; context: ErrorContext; error: ErrorInfo; runPreserved: boolean };
 

@@ -84,6 +84,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
   let startedWith: TrainerModels | null = null;
   const factory: TrainerFactory = {
     start: async (models, config, opts) => {
+      if (config.seed === 13) throw new Error('the scripted trainer refuses seed 13');
       startedWith = models;
       const t = new ScriptedTrainer(config, opts.onEvent);
       trainers.push(t);
@@ -209,6 +210,12 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     expect(err).toMatchObject({ context: 'storage', runPreserved: true, error: { message: expect.stringContaining('Storage full') } });
     expect(states(events).at(-1)).toBe('paused');
     expect((await lab.handle('exportRun', {})).files).toHaveLength(1);
+    // A new run that cannot start leaves the current one (and its checkpoint) in place.
+    const before = trainers.length;
+    await expect(lab.handle('start', { config: { seed: 13 } })).rejects.toThrow(/refuses seed 13/);
+    expect(trainers.length).toBe(before);
+    expect(JSON.parse(new TextDecoder().decode((await lab.handle('exportRun', {})).files[0]!.bytes))).toHaveLength(1);
+    expect(events.filter((e) => e.type === 'run-reset')).toHaveLength(1);
 
     await expect(lab.handle('importAdapter', { files: [{ name: 'adapter_config.json', bytes: new TextEncoder().encode('{}').buffer as ArrayBuffer }] })).rejects.toThrow(
       /adapter_model\.safetensors: was not among the picked files/,
