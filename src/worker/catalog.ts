@@ -30,19 +30,23 @@ export function modelLabel(m: ModelChoice | ModelRef): string {
 
 /** Tokens the chat template adds around a query (system header, date line, turn markers). */
 const CHAT_OVERHEAD_TOKENS = 64;
+/** The judge's instructions (the 7-point rubric) around query and answer. */
+const JUDGE_RUBRIC_TOKENS = 320;
 
 /** The run shape whose buffers the trainer allocates, from its settings. */
 export function planSettingsFor(config: TrainerConfig, format: WeightFormat): PlanSettings {
   const judge = config.mode === 'lsp' || config.world === 'open' ? config.rewards.judge.maxTokens : 0;
+  const solverPrompt = CHAT_OVERHEAD_TOKENS + config.maxQueryTokens;
   return {
     format,
     loraRank: config.lora.r,
     loraTargets: config.lora.targets,
     groupSize: config.groupSize,
-    // The Solver's prompt is the query in the chat template; the judge's holds query and answer.
-    maxPromptTokens: CHAT_OVERHEAD_TOKENS + config.maxQueryTokens + (judge > 0 ? config.maxAnswerTokens + 256 : 0),
+    // Generation's longest prompt: the judge's (rubric, query and answer) when it runs, else the Solver's.
+    maxPromptTokens: solverPrompt + (judge > 0 ? config.maxAnswerTokens + JUDGE_RUBRIC_TOKENS : 0),
     maxNewTokens: Math.max(config.maxAnswerTokens, config.maxQueryTokens, judge),
-    microBatch: config.microBatch,
+    // Training runs on the Solver's sequences (and the Challenger's shorter ones), never the judge's.
+    trainTokensPerStep: config.microBatch * (solverPrompt + config.maxAnswerTokens),
   };
 }
 

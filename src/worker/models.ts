@@ -70,7 +70,7 @@ export function runShape(s: PlanSettings): RunShape {
     groupSize: s.groupSize,
     maxPromptTokens: s.maxPromptTokens,
     maxNewTokens: s.maxNewTokens,
-    trainTokensPerStep: s.microBatch * (s.maxPromptTokens + s.maxNewTokens),
+    trainTokensPerStep: s.trainTokensPerStep,
     checkpointing: true,
   };
 }

@@ -35,7 +35,8 @@ export interface PlanSettings {
   groupSize: number;
   maxPromptTokens: number;
   maxNewTokens: number;
-  microBatch: number;
+  /** Rows of one training forward/backward: micro-batch sequences of prompt plus completion. */
+  trainTokensPerStep: number;
 }
 
 /** Why a device cannot run the lab, or what it will run slower; plain words. */

@@ -140,10 +140,11 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
 
     const plan = await lab.handle('planModel', {
       model: { kind: 'served', folder: 'tiny-llama' },
-      settings: { format: 'f32', loraRank: 4, loraTargets: ['q_proj'], groupSize: 2, maxPromptTokens: 64, maxNewTokens: 8, microBatch: 2 },
+      settings: { format: 'f32', loraRank: 4, loraTargets: ['q_proj'], groupSize: 2, maxPromptTokens: 64, maxNewTokens: 8, trainTokensPerStep: 144 },
     });
     expect(plan).toMatchObject({ label: 'models/tiny-llama', layers: 2, hiddenSize: 64, vocabSize: 128256, architecture: 'LlamaForCausalLM' });
     expect(plan.parameters).toBe(128256 * 64 + 2 * (64 * 2 + 64 * 64 * 2 + 32 * 64 * 2 + 160 * 64 * 3) + 64);
+    expect(plan.plan.trainTokensPerStep).toBe(144);
     expect(plan.plan.total).toBeGreaterThan(plan.plan.weights);
 
     const info = await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
