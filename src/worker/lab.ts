@@ -6,7 +6,7 @@
  */
 import { FormatError } from '../formats/errors';
 import type { Gpu } from '../gpu/gpu';
-import type { ModelCache } from '../model/cache';
+import { cachedModelSource, modelCacheKey, type ModelCache } from '../model/cache';
 import { loadLlama, readModelConfigs, type LoadedModel, type LoadProgress } from '../model/load';
 import type { PeftInput } from '../model/lora';
 import { formatMemoryPlan } from '../model/memory';
@@ -297,11 +297,8 @@ export class Lab {
 
   private async loadReward(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean): Promise<Loaded> {
     await this.requireGpu();
-    const { config } = await readModelConfigs(source).catch((e: unknown) => {
-      if (useCache && source instanceof CachedOnlySource) return { config: null };
-      throw e;
-    });
-    if (config && config.architecture !== 'LlamaForSequenceClassification') {
+    const { config } = await this.readConfigs(source, format, useCache);
+    if (config.architecture !== 'LlamaForSequenceClassification') {
       throw new Error(`${modelLabel(ref)} is a ${config.architecture}, not a reward model: pick a LlamaForSequenceClassification checkpoint such as Skywork/Skywork-Reward-V2-Llama-3.2-1B.`);
     }
     const loaded = await this.loadWeights(source, ref, format, useCache, 'reward');
@@ -313,17 +310,24 @@ export class Lab {
     return loaded;
   }
 
+  /**
+   * config.json and generation_config.json, from the model cache when the model is
+   * there (so a cached model loads with no network and no dropped files), else from
+   * the source.
+   */
+  private async readConfigs(source: ModelSource, format: WeightFormat, useCache: boolean): ReturnType<typeof readModelConfigs> {
+    const cache = useCache ? await this.env.modelCache().catch(() => null) : null;
+    const entry = cache ? await cache.get(modelCacheKey(source.name, source.revision, format)).catch(() => null) : null;
+    return readModelConfigs(entry ? cachedModelSource(entry) : source);
+  }
+
   /** Weights and tokenizer onto the GPU, with progress; the policy needs a chat template. */
   private async loadWeights(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean, role: 'policy' | 'reward'): Promise<Loaded> {
     const gpu = await this.requireGpu();
     const label = modelLabel(ref);
     this.emit({ type: 'load-progress', phase: 'config', file: 'config.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
-    const { config } = await readModelConfigs(source).catch((e: unknown) => {
-      // A cached model needs no source: without config.json we still try the cache.
-      if (useCache && e instanceof FormatError && source instanceof CachedOnlySource) return { config: null };
-      throw e;
-    });
-    if (config && role === 'policy') {
+    const { config } = await this.readConfigs(source, format, useCache);
+    if (role === 'policy') {
       const plan = planFor(config, planSettingsFor(this.pending, format), gpu.caps);
       this.emit({ type: 'memory-plan', plan, lines: formatMemoryPlan(plan) });
       const tooLarge = plan.problems.find((p) => p.kind === 'buffer-too-large');

@@ -77,9 +77,15 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     expect(await text('memory-estimate')).toMatch(/\d+(\.\d+)? (MiB|KiB)/);
     await page.screenshot({ path: join(SHOTS, 'start.png'), fullPage: true });
 
+    // Requests the page and its worker make for the model's files.
+    const modelRequests: string[] = [];
+    page.on('request', (r) => {
+      if (r.url().includes('/models/tiny-llama/')) modelRequests.push(r.url());
+    });
     await page.getByTestId('format').selectOption('f32');
     await page.getByTestId('load-model').click();
     await page.getByTestId('controls').waitFor({ timeout: 120_000 });
+    expect(modelRequests.some((u) => u.endsWith('/model.safetensors'))).toBe(true);
     lap('model loaded');
     await noErrors();
 
@@ -171,6 +177,7 @@ describe('the lab in Chromium (built app, tiny model)', () => {
 
     // Reload: the saved run is offered, and continues with the model from the cache.
     await page.reload();
+    modelRequests.length = 0;
     await page.getByTestId('saved-run').waitFor({ timeout: 60_000 });
     expect(await text('saved-iteration')).toBe('2');
     // The model cache in origin storage lists the loaded model with its size.
@@ -182,6 +189,8 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     await noErrors();
     expect(await iteration()).toBe(2);
     expect(await text('controls')).toContain('from the cache');
+    // The second load read nothing over the network: weights, config and tokenizer came from OPFS.
+    expect(modelRequests).toEqual([]);
     expect(await page.getByTestId('history-item').count()).toBe(4);
     expect(await page.getByTestId('chart-reward').getAttribute('data-points')).toBe('2');
     lap('resumed after reload');
