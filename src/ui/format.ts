@@ -43,3 +43,12 @@ export function formatCount(n: number): string {
   if (n >= 1e3) return `${(n / 1e3).toFixed(1)} k`;
   return String(n);
 }
+
+/** A chart tick: as short as possible ("2e-6", "0.25", "1.5k"). */
+export function formatTick(v: number): string {
+  if (v === 0 || !Number.isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  if (a >= 1e4) return `${Number((v / 1e3).toPrecision(3))}k`;
+  if (a < 1e-3) return v.toExponential(1).replace(/\.0e/, 'e');
+  return String(Number(v.toPrecision(3)));
+}

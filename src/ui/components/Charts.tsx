@@ -2,7 +2,7 @@ import { useEffect, useMemo, useRef } from 'react';
 import uPlot from 'uplot';
 import 'uplot/dist/uPlot.min.css';
 import type { IterationMetrics } from '../../selfplay/types';
-import { formatValue } from '../format';
+import { formatTick, formatValue } from '../format';
 import { useLab } from '../store';
 
 interface ChartSpec {
@@ -38,6 +38,8 @@ const CHARTS: ChartSpec[] = [
   { id: 'memory', title: 'GPU memory peak (MiB)', keys: fixed(['gpu/peak_mib', 'MiB']) },
 ];
 
+const ITERATION_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];
+
 const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2'];
 
 export function Charts() {
@@ -71,7 +73,11 @@ function Chart({ spec, series, history }: { spec: ChartSpec; series: { key: stri
       legend: { show: true, live: false },
       cursor: { show: true, drag: { x: false, y: false } },
       scales: { x: { time: false } },
-      axes: [{ label: 'iteration', size: 30, labelSize: 14 }, { size: 48 }],
+      axes: [
+        // Iterations are whole numbers; metric values span 1e-7 (early KL) to 1e4 (tokens): short, readable ticks.
+        { label: 'iteration', size: 30, labelSize: 14, incrs: ITERATION_STEPS, values: (_u, ticks) => ticks.map((t) => String(t)) },
+        { size: 56, values: (_u, ticks) => ticks.map((t) => formatTick(t)) },
+      ],
       series: [{ label: 'iteration' }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, points: { show: true, size: 4 } }))],
     };
     const u = new uPlot(opts, toData(history, series), el);
