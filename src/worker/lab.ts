@@ -112,6 +112,7 @@ class RateMeter {
 export class Lab {
   private gpu: Gpu | null = null;
   private capabilities: CapabilityReport | null = null;
+  private checking: Promise<CapabilityReport> | null = null;
   private loaded: Loaded | null = null;
   private rewardModel: Loaded | null = null;
   private trainer: Trainer | null = null;
@@ -243,8 +244,14 @@ export class Lab {
 
   // ---- device ---------------------------------------------------------------------
 
-  private async check(): Promise<CapabilityReport> {
-    if (this.capabilities && (this.gpu || this.capabilities.error)) return this.capabilities;
+  private check(): Promise<CapabilityReport> {
+    // One device per lab, however many checks arrive at once (React runs effects twice in development).
+    if (this.capabilities && (this.gpu || this.capabilities.error)) return Promise.resolve(this.capabilities);
+    this.checking ??= this.acquire().finally(() => (this.checking = null));
+    return this.checking;
+  }
+
+  private async acquire(): Promise<CapabilityReport> {
     try {
       const gpu = await this.env.acquireGpu();
       this.gpu = gpu;

@@ -82,6 +82,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
   const trainers: ScriptedTrainer[] = [];
   const resumed: number[] = [];
   let startedWith: TrainerModels | null = null;
+  let acquired = 0;
   const factory: TrainerFactory = {
     start: async (models, config, opts) => {
       if (config.seed === 13) throw new Error('the scripted trainer refuses seed 13');
@@ -101,7 +102,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     },
   };
   const env = (): LabEnvironment => ({
-    acquireGpu: () => Promise.resolve(gpu),
+    acquireGpu: () => (acquired++, Promise.resolve(gpu)),
     modelCache: () => Promise.resolve(cache),
     runStore: () => Promise.resolve(store),
     runMeta: {
@@ -133,7 +134,9 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
 
   it('loads a served model with progress, memory plan and the cache; runs, pauses after the iteration in flight, steps, exports', async () => {
     const { lab, events } = make();
-    const check = await lab.handle('check', {});
+    const [check, twice] = await Promise.all([lab.handle('check', {}), lab.handle('check', {})]);
+    expect(acquired).toBe(1);
+    expect(twice.capabilities).toBe(check.capabilities);
     expect(check.capabilities.error).toBeNull();
     expect(check.capabilities.caps?.adapterName).toBe(gpu.caps.adapterName);
     expect(check.savedRun).toBeNull();
