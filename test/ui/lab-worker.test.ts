@@ -14,7 +14,8 @@ import { acquireNodeGpu } from '../../src/gpu/node';
 import { MemoryModelCache } from '../../src/model/cache';
 import type { TrainerConfig } from '../../src/selfplay/config';
 import { MemoryRunStore } from '../../src/selfplay/store';
-import type { IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
+import type { PeftInput } from '../../src/model/lora';
+import type { EvaluationResult, IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
 import { Lab, type LabEnvironment, type Trainer, type TrainerFactory, type TrainerModels } from '../../src/worker/lab';
 import type { LabEvent, SavedRunInfo } from '../../src/worker/protocol';
 import { syntheticModel, TINY_DIR } from '../helpers/model-files';
@@ -66,9 +67,14 @@ class ScriptedTrainer implements Trainer {
   exportFiles(): Promise<RunFiles> {
     return Promise.resolve(new Map([['metrics.json', new TextEncoder().encode(JSON.stringify(this.history))]]));
   }
-  importAdapter(): void {}
-  evaluate(): never {
-    throw new Error('not scripted');
+  imported: PeftInput[] = [];
+  importAdapter(files: PeftInput): void {
+    this.imported.push(files);
+  }
+  evaluate(opts?: { instructions?: string[]; maxTokens?: number }): Promise<EvaluationResult> {
+    const result: EvaluationResult = { iteration: this.iteration, winRate: 0.75, wins: 1, ties: 1, losses: 0, unparsed: 0, items: [] };
+    this.onEvent({ type: 'evaluation', result: { ...result, unparsed: opts?.maxTokens ?? -1 } });
+    return Promise.resolve(result);
   }
   release(): void {}
 }
@@ -184,6 +190,18 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     const exported = await lab.handle('exportRun', {});
     expect(exported.files.map((f) => f.name)).toEqual(['metrics.json']);
     expect(JSON.parse(new TextDecoder().decode(exported.files[0]!.bytes))).toHaveLength(4);
+
+    expect(await lab.handle('evaluate', { maxTokens: 16 })).toMatchObject({ iteration: 4, winRate: 0.75 });
+    expect(events.find((e) => e.type === 'evaluation')).toMatchObject({ result: { unparsed: 16 } });
+    const enc = (s: string) => new TextEncoder().encode(s).buffer as ArrayBuffer;
+    const run = await lab.handle('importAdapter', {
+      files: [
+        { name: 'adapter_config.json', bytes: enc('{"r": 4}') },
+        { name: 'adapter_model.safetensors', bytes: enc('weights') },
+      ],
+    });
+    expect(run.iteration).toBe(4);
+    expect(t.imported.map((f) => [new TextDecoder().decode(f['adapter_config.json'] as Uint8Array), new TextDecoder().decode(f['adapter_model.safetensors'])])).toEqual([['{"r": 4}', 'weights']]);
   });
 
   it('reports a failed step (storage full) with the run kept, and refuses a bad adapter with the file named', async () => {
