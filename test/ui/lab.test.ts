@@ -174,6 +174,14 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     await page.getByTestId('error').first().waitFor();
     expect(await text('error')).toContain('adapter_model.safetensors');
     expect(await iteration()).toBe(2);
+    // The exported adapter imports back into the run.
+    await page.getByRole('button', { name: 'Dismiss' }).click();
+    await page.getByTestId('import').setInputFiles(
+      ['adapter_config.json', 'adapter_model.safetensors'].map((name) => ({ name, mimeType: 'application/octet-stream', buffer: files.get(name)! })),
+    );
+    await page.getByText('Adapter imported (adapter_config.json, adapter_model.safetensors).').waitFor({ timeout: 30_000 });
+    await noErrors();
+    expect(await iteration()).toBe(2);
 
     // Reload: the saved run is offered, and continues with the model from the cache.
     await page.reload();
