@@ -54,6 +54,8 @@ export class LabActions {
     useLab.setState({ loading: false });
     if (info) {
       useLab.setState({ model: info });
+      // The model works, but could not be cached (storage full) or its cached copy was damaged.
+      if (info.cacheNote) addError('storage', { name: 'ModelCacheError', message: info.cacheNote });
       void this.refreshCached();
     }
     return !!info;
