@@ -3,7 +3,8 @@
  * SwiftShader without a GPU): load the tiny model from models/, play two iterations
  * of the arithmetic world, watch games stream and charts advance, export the adapter
  * and check its files, reload and continue the saved run with the model read from the
- * browser's cache. Screenshots go to docs/screenshots/.
+ * browser's cache. Screenshots go to test-results/screenshots/ (git-ignored); with
+ * UPDATE_SCREENSHOTS=1 they replace the README's images in docs/screenshots/.
  */
 import { mkdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
@@ -18,7 +19,7 @@ import { parseSafetensors } from '../../src/formats/safetensors';
 import { launchChromium } from '../helpers/browser';
 
 const ROOT = process.cwd();
-const SHOTS = resolve(ROOT, 'docs/screenshots');
+const SHOTS = resolve(ROOT, process.env.UPDATE_SCREENSHOTS === '1' ? 'docs/screenshots' : 'test-results/screenshots');
 const TINY = parseLlamaConfig(JSON.parse(readFileSync(resolve(ROOT, 'models/tiny-llama/config.json'), 'utf8')), 'config.json');
 
 describe('the lab in Chromium (built app, tiny model)', () => {
