@@ -155,6 +155,8 @@ export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOpti
 /** ONNX when asked for, or when the source holds an ONNX decoder and no safetensors weights. */
 async function usesOnnx(source: ModelSource, options: LoadOptions): Promise<boolean> {
   if (options.onnxFile !== undefined) return true;
+  // config.json first: access errors (gated, private) and a missing config are reported on it.
+  if (!(await source.has('config.json'))) return false;
   if ((await source.has('model.safetensors')) || (await source.has('model.safetensors.index.json'))) return false;
   const { findOnnxModel } = await import('./onnx-load');
   return (await findOnnxModel(source)) !== null;
