@@ -160,7 +160,6 @@ export function roleLoss(
   let pgLoss = 0;
   let kl = 0;
   const tokenWeights = sequences.map((q, s) => {
-    if (q.logp.length !== q.logpRef.length) throw new Error(`sequence ${s}: ${q.logp.length} log-probs vs ${q.logpRef.length} reference`);
     const terms = sequenceTerms(q, coef[s]!, beta, klEstimator, roleWeight, klPlacement);
     pgLoss += terms.pgLoss;
     kl += terms.kl;

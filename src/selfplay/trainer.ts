@@ -34,6 +34,7 @@ import { computeAdvantages, mean, stdUnbiased, type RewardSource } from './advan
 import { chunks, completionBatch, type Completion } from './batch';
 import { makeConfig, validateConfig, type TrainerConfig } from './config';
 import { judgeMessages, resolveJudgeScore, type ChatMessage } from './judge';
+import { klSequence } from './kl';
 import { aggregationCoefficients, sequenceTerms } from './losses';
 import {
   EVAL_INSTRUCTIONS,
@@ -426,14 +427,7 @@ export class SelfPlayTrainer {
     // Records and metrics
     const solverLoss = parts.solverPg + c.beta * parts.solverKl;
     const chLoss = parts.chPg + c.beta * parts.chKl;
-    const seqKl = (k: number) => {
-      const lp = polLogp[k];
-      const ref = refLogp[k]!;
-      if (!lp || lp.length === 0) return 0;
-      let s = 0;
-      for (let t = 0; t < lp.length; t++) s += c.klEstimator === 'k1' ? lp[t]! - ref[t]! : Math.exp(ref[t]! - lp[t]!) - (ref[t]! - lp[t]!) - 1;
-      return s / lp.length;
-    };
+    const seqKl = (k: number) => (polLogp[k] ? klSequence(c.klEstimator, polLogp[k], refLogp[k]!).mean : 0);
     const sum = (a: Float32Array | undefined) => (a ? a.reduce((x, y) => x + y, 0) : NaN);
     const games: GameRecord[] = queries.map((q, i) => ({
       iteration: it,
