@@ -335,11 +335,12 @@ export class SelfPlayTrainer {
     const querySeqs: Completion[] = queries.map((q) => ({ prompt: cpPrompt, completion: q.tokens }));
     const all = [...answerSeqs, ...querySeqs];
     const groups = [...chunks(answerSeqs.length, c.microBatch), ...chunks(querySeqs.length, c.microBatch).map((g) => g.map((k) => k + answerSeqs.length))];
+    const batches = groups.map((g) => scoredBatch(g.map((k) => all[k]!), w.config.vocabSize));
     const refLogp: Float32Array[] = new Array(all.length);
     this.lora.enabled = false;
     try {
-      for (const g of groups) {
-        const { batch, rows, flat } = scoredBatch(g.map((k) => all[k]!), w.config.vocabSize);
+      for (const [gi, g] of groups.entries()) {
+        const { batch, rows, flat } = batches[gi]!;
         if (flat.length === 0) {
           g.forEach((k) => (refLogp[k] = new Float32Array(0)));
           continue;
@@ -365,8 +366,8 @@ export class SelfPlayTrainer {
     const parts = { solverPg: 0, solverKl: 0, chPg: 0, chKl: 0 };
     let nonFinite: string | null = null;
     this.lora.zeroGrad();
-    for (const g of groups) {
-      const { batch, rows, flat } = scoredBatch(g.map((k) => all[k]!), w.config.vocabSize);
+    for (const [gi, g] of groups.entries()) {
+      const { batch, rows, flat } = batches[gi]!;
       if (flat.length === 0) {
         g.forEach((k) => (polLogp[k] = new Float32Array(0)));
         continue;
@@ -547,12 +548,18 @@ export class SelfPlayTrainer {
     return Array.from({ length: queries.length }, (_, i) => out.slice(i * G, i * G + G));
   }
 
+  /** The adapter as PEFT files, named for the loaded base model. */
+  private async adapterFiles(): Promise<RunFiles> {
+    const peft = await this.lora.exportPeft(this.models.model.sourceName);
+    return new Map([
+      ['adapter_config.json', new TextEncoder().encode(peft['adapter_config.json'])],
+      ['adapter_model.safetensors', peft['adapter_model.safetensors']],
+    ]);
+  }
+
   /** Everything needed to resume: adapter, optimizer state, state (iteration, config, metrics), games. */
   async checkpointFiles(): Promise<RunFiles> {
-    const files: RunFiles = new Map();
-    const peft = await this.lora.exportPeft(this.models.model.sourceName);
-    files.set('adapter_config.json', new TextEncoder().encode(peft['adapter_config.json']));
-    files.set('adapter_model.safetensors', peft['adapter_model.safetensors']);
+    const files = await this.adapterFiles();
     files.set('optimizer.safetensors', writeOptimizerState(await this.lora.exportOptimizerState()));
     const mc = this.models.model.weights.config;
     const state: RunState = {
@@ -582,10 +589,7 @@ export class SelfPlayTrainer {
 
   /** The adapter in PEFT format plus the run's configuration and metrics. */
   async exportFiles(): Promise<RunFiles> {
-    const peft = await this.lora.exportPeft(this.models.model.sourceName);
-    const files: RunFiles = new Map();
-    files.set('adapter_config.json', new TextEncoder().encode(peft['adapter_config.json']));
-    files.set('adapter_model.safetensors', peft['adapter_model.safetensors']);
+    const files = await this.adapterFiles();
     files.set('run_config.json', new TextEncoder().encode(JSON.stringify({ model: this.models.model.sourceName, iteration: this.iteration, config: this.config }, null, 2) + '\n'));
     files.set('metrics.json', new TextEncoder().encode(JSON.stringify(this.history, null, 1) + '\n'));
     return files;

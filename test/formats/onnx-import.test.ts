@@ -31,6 +31,7 @@ import { openModelDir } from '../../src/model/node-source';
 import { loadTokenizer } from '../../src/model/tokenizer';
 import { useGpu } from '../helpers/gpu';
 import { TINY_DIR, expectSameBytes, linearValues, memorySource } from '../helpers/model-files';
+import { logSoftmaxAt } from '../helpers/numeric';
 import { readCheckpoint, writeOnnxFolder, type CheckpointValues } from '../peer/onnx-model';
 
 const MESSAGES = [{ role: 'user', content: 'What is the capital of France?' }];
@@ -49,14 +50,6 @@ async function fileTensors(dir: string, file: string): Promise<Map<string, { t: 
     out.set(t.name, { t, bytes });
   }
   return out;
-}
-
-function logSoftmaxAt(row: Float32Array, target: number): number {
-  let max = -Infinity;
-  for (const v of row) max = Math.max(max, v);
-  let sum = 0;
-  for (const v of row) sum += Math.exp(v - max);
-  return row[target]! - max - Math.log(sum);
 }
 
 /** onnxruntime's logits [T, V] for one sequence (no past). */

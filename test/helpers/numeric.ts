@@ -80,3 +80,12 @@ export function finiteDiff(f: (x: Float64Array) => number, x: Float64Array, i: n
 export function toF64(a: ArrayLike<number>): Float64Array {
   return Float64Array.from(a);
 }
+
+/** log softmax(row)[target], computed in float64. */
+export function logSoftmaxAt(row: Float32Array, target: number): number {
+  let max = -Infinity;
+  for (const v of row) max = Math.max(max, v);
+  let sum = 0;
+  for (const v of row) sum += Math.exp(v - max);
+  return row[target]! - max - Math.log(sum);
+}

@@ -21,6 +21,7 @@ import { openModelDir } from '../../src/model/node-source';
 import { loadTokenizer } from '../../src/model/tokenizer';
 import { useGpu } from '../helpers/gpu';
 import { TINY_DIR } from '../helpers/model-files';
+import { logSoftmaxAt } from '../helpers/numeric';
 import { readCheckpoint, writeOnnxFolder } from './onnx-model';
 
 const TOLERANCE = 1e-3;
@@ -32,14 +33,6 @@ interface TjsTensor {
   dims: number[];
   data: ArrayLike<number | bigint>;
   tolist(): unknown;
-}
-
-function logSoftmaxAt(row: Float32Array, target: number): number {
-  let max = -Infinity;
-  for (const v of row) max = Math.max(max, v);
-  let sum = 0;
-  for (const v of row) sum += Math.exp(v - max);
-  return row[target]! - max - Math.log(sum);
 }
 
 describe('peer: transformers.js (onnxruntime-node) on the same weights', () => {

@@ -65,10 +65,10 @@ describe('self-play learns', () => {
     const nums = numberTokenIds((t) => tokenizer.encode(t, { addSpecialTokens: false }), 2 * MAX);
     const V = model.weights.config.vocabSize;
     const logps = async (seqs: { prompt: number[]; completion: number[] }[]) => {
-      const p = sequenceLogprobs(gpu(), model.weights, null, completionBatch(seqs, V).batch, {});
+      const { batch, rows } = completionBatch(seqs, V);
+      const p = sequenceLogprobs(gpu(), model.weights, null, batch);
       const all = await gpu().readF32(p.logp);
       p.release();
-      const { rows } = completionBatch(seqs, V);
       return rows.map((r) => r.map((row) => all[row]!));
     };
     const restricted = (lp: number[]) => {
