@@ -1,25 +1,41 @@
 #!/usr/bin/env node
-// Runs a command with Dawn able to find a Vulkan driver. With a system Vulkan loader
-// and a GPU driver nothing changes; without (CI, GPU-less boxes) it uses the
-// SwiftShader driver that Debian's chromium package ships. WEBGPU_ADAPTER=swiftshader
-// forces SwiftShader.
+// Runs a command with Dawn (WebGPU for Node) pointed at a Vulkan driver.
+//   WEBGPU_ADAPTER=swiftshader  SwiftShader from Debian's chromium package (f32 kernels, subgroups of 4)
+//   WEBGPU_ADAPTER=lavapipe     Mesa 25 lavapipe (shader-f16, subgroups of 8, 128 MiB bindings)
+//   WEBGPU_ADAPTER=system       whatever the system Vulkan loader finds (a real GPU)
+// Unset: a machine with a GPU device node uses the system loader; one without uses
+// SwiftShader when chromium is installed, else lavapipe.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 
 const env = { ...process.env };
 const chromiumDir = '/usr/lib/chromium';
-const swiftshaderIcd = `${chromiumDir}/vk_swiftshader_icd.json`;
-const icdDirs = ['/usr/share/vulkan/icd.d', '/etc/vulkan/icd.d', '/usr/local/share/vulkan/icd.d'];
-const hasSystemIcd = icdDirs.some((d) => existsSync(d) && readdirSync(d).some((f) => f.endsWith('.json')));
+const drivers = {
+  swiftshader: `${chromiumDir}/vk_swiftshader_icd.json`,
+  lavapipe: '/usr/share/vulkan/icd.d/lvp_icd.json',
+};
 const hasLoader = ['/usr/lib/x86_64-linux-gnu/libvulkan.so.1', '/usr/lib/aarch64-linux-gnu/libvulkan.so.1', '/usr/lib/libvulkan.so.1'].some(existsSync);
+const hasGpuNode = (existsSync('/dev/dri') && readdirSync('/dev/dri').some((f) => f.startsWith('renderD'))) || existsSync('/dev/nvidia0');
 
-if (process.platform === 'linux' && existsSync(swiftshaderIcd)) {
-  const force = env.WEBGPU_ADAPTER === 'swiftshader';
-  if (force || !hasSystemIcd) env.VK_ICD_FILENAMES ??= swiftshaderIcd;
-  if (force || !hasLoader) env.LD_LIBRARY_PATH = [chromiumDir, env.LD_LIBRARY_PATH].filter(Boolean).join(':');
-} else if (process.platform === 'linux' && !hasSystemIcd) {
-  console.error('webgpu-env: no Vulkan driver found; install a GPU driver or Debian\'s chromium package (SwiftShader).');
+let choice = env.WEBGPU_ADAPTER;
+if (!choice && process.platform === 'linux' && !env.VK_ICD_FILENAMES) {
+  choice = hasGpuNode ? 'system' : existsSync(drivers.swiftshader) ? 'swiftshader' : existsSync(drivers.lavapipe) ? 'lavapipe' : 'system';
 }
+if (choice && choice !== 'system') {
+  const icd = drivers[choice];
+  if (!icd) {
+    console.error(`webgpu-env: WEBGPU_ADAPTER=${choice} is not one of swiftshader, lavapipe, system.`);
+    process.exit(2);
+  }
+  if (!existsSync(icd)) {
+    console.error(`webgpu-env: the ${choice} Vulkan driver (${icd}) is not installed; node scripts/test-setup.mjs installs it (as root).`);
+    process.exit(1);
+  }
+  env.VK_ICD_FILENAMES = icd;
+  // SwiftShader's driver needs chromium's own libvulkan when the system has no loader.
+  if (choice === 'swiftshader' && !hasLoader) env.LD_LIBRARY_PATH = [chromiumDir, env.LD_LIBRARY_PATH].filter(Boolean).join(':');
+}
+if (choice) env.WEBGPU_ADAPTER = choice;
 
 const [cmd, ...args] = process.argv.slice(2);
 if (!cmd) {

@@ -24,6 +24,6 @@ export async function launchChromium(): Promise<Browser> {
     '--disable-component-update',
     '--disable-sync',
   ];
-  if (process.env.WEBGPU_ADAPTER !== 'hardware') args.push('--use-webgpu-adapter=swiftshader');
+  if (process.env.WEBGPU_ADAPTER !== 'system') args.push('--use-webgpu-adapter=swiftshader');
   return chromium.launch({ executablePath: chromiumPath(), args, headless: true });
 }

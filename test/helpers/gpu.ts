@@ -1,12 +1,20 @@
-import { afterAll, beforeAll } from 'vitest';
+import { afterAll, beforeAll, expect } from 'vitest';
 import type { Gpu } from '../../src/gpu/gpu';
 import { acquireNodeGpu } from '../../src/gpu/node';
+
+/** Prints which adapter a test file runs on, with the features its kernels pick from. */
+export function reportAdapter(gpu: Gpu): void {
+  const c = gpu.caps;
+  const file = expect.getState().testPath?.split('/test/').pop() ?? 'test';
+  console.log(`[adapter] ${file}: ${c.adapterName}; shader-f16 ${c.f16 ? 'yes' : 'no'}, subgroups ${c.subgroups ? 'yes' : 'no'}, max binding ${(c.maxStorageBufferBindingSize / 2 ** 20).toFixed(0)} MiB`);
+}
 
 /** One GPU runtime per test file, destroyed when the file's tests finish. */
 export function useGpu(): () => Gpu {
   let gpu: Gpu | null = null;
   beforeAll(async () => {
     gpu = await acquireNodeGpu();
+    reportAdapter(gpu);
   });
   afterAll(() => {
     gpu?.destroy();
