@@ -10,17 +10,26 @@
  *
  * Options: --prompt-tokens P (256)  --new-tokens N (32)  --G (8)  --train-tokens (512)
  *          --rank R (16)  --layers/--hidden/--intermediate/--heads/--kv-heads/--vocab
+ *
+ * `--record-only` runs the real decode loop (decodeStep, sampling, the step's
+ * readback) against a recording-only device (src/gpu/record.ts: no GPU work, buffers
+ * hold no data) and prints the host's cost per token for B in {1, 8, 32}, LoRA off
+ * and on: dispatches, submits, bind groups, host ms, and the bytes a step reads.
+ * It needs no GPU and finishes in seconds for the 3B shape.
  */
 import type { LlamaConfig } from '../src/formats/llama-config';
 import { LLAMA_PROJECTIONS } from '../src/formats/peft';
 import type { Gpu } from '../src/gpu/gpu';
 import { acquireNodeGpu } from '../src/gpu/node';
+import { recordingGpu } from '../src/gpu/record';
+import type { Tensor } from '../src/gpu/tensor';
 import { fill } from '../src/kernels/elementwise';
 import { q4Linear } from '../src/kernels/linear';
-import { releaseQ4, type Q4Weight } from '../src/kernels/q4-layout';
+import { Q4_BLOCK_BYTES, q4Blocks, q4ShardRows, releaseQ4, type Q4Weight } from '../src/kernels/q4-layout';
+import { sample } from '../src/kernels/sample';
 import { ropeInvFreq } from '../src/kernels/rope';
 import { generate } from '../src/model/generate';
-import { KvCache, prefillShared } from '../src/model/infer';
+import { KvCache, decodeStep, prefillShared } from '../src/model/infer';
 import { sequenceLogprobs } from '../src/model/llama';
 import { LoraAdapter } from '../src/model/lora';
 import type { LayerWeights, LlamaWeights } from '../src/model/weights';
@@ -62,12 +71,31 @@ function configFrom(flags: Map<string, string>): LlamaConfig {
   };
 }
 
-/** A model of the given shape with random 4-bit weights and unit norms. */
-function randomWeights(gpu: Gpu, config: LlamaConfig): LlamaWeights {
+/** A 4-bit weight of the right shards and sizes whose contents are never written (for the recording device). */
+function emptyQ4(gpu: Gpu, M: number, K: number): Q4Weight {
+  const nb = q4Blocks(K);
+  const zb = Math.ceil(nb / 2);
+  const rowsPer = q4ShardRows(M, K, gpu.caps.maxStorageBufferBindingSize);
+  const shards: Q4Weight['shards'] = [];
+  for (let r0 = 0; r0 < M; r0 += rowsPer) {
+    const rows = Math.min(rowsPer, M - r0);
+    shards.push({
+      rowStart: r0,
+      rows,
+      qweight: gpu.empty([(rows * nb * Q4_BLOCK_BYTES) / 4], 'u32', 'q4.qweight'),
+      scales: gpu.empty([Math.ceil((rows * nb) / 2)], 'u32', 'q4.scales'),
+      zeros: gpu.empty([Math.ceil((rows * zb) / 4)], 'u32', 'q4.zeros'),
+    });
+  }
+  return { M, K, nb, shards };
+}
+
+/** A model of the given shape with random 4-bit weights and unit norms (`makeQ4`: emptyQ4 on the recording device). */
+function randomWeights(gpu: Gpu, config: LlamaConfig, makeQ4: (gpu: Gpu, M: number, K: number) => Q4Weight = randomQ4): LlamaWeights {
   const { hiddenSize: C, intermediateSize: F, numHeads: H, numKvHeads: HK, headDim: D, vocabSize: V } = config;
   const q4s: Q4Weight[] = [];
   const q = (M: number, K: number) => {
-    const w = randomQ4(gpu, M, K);
+    const w = makeQ4(gpu, M, K);
     q4s.push(w);
     return w;
   };
@@ -118,9 +146,81 @@ async function timed<T>(gpu: Gpu, fn: () => Promise<T> | T): Promise<{ ms: numbe
   return { ms: performance.now() - t0, value };
 }
 
+/**
+ * Host cost of the decode loop on a recording-only device: per token, for B in
+ * {1, 8, 32} with LoRA off and on. Bytes read are the step's compulsory traffic:
+ * every layer weight and the LM head once, the LoRA factors once, the embedding rows
+ * of the B tokens, and the K/V each row attends over (the shared prefix counted once).
+ */
+/** Untimed steps per configuration: pipelines, bind groups and the JIT settle. */
+const WARMUP_STEPS = 4;
+
+async function recordOnly(config: LlamaConfig, flags: Map<string, string>): Promise<void> {
+  const P = Number(flags.get('prompt-tokens') ?? 256);
+  const tokens = Number(flags.get('new-tokens') ?? 32);
+  const rank = Number(flags.get('rank') ?? 16);
+  const { gpu, rec } = recordingGpu();
+  const c = config;
+  console.log(`recording-only device (no GPU work): ${c.numLayers} layers, hidden ${c.hiddenSize}, mlp ${c.intermediateSize}, heads ${c.numHeads}/${c.numKvHeads}x${c.headDim}, vocab ${c.vocabSize}; ${P}-token shared prompt, LoRA r=${rank} on all projections, f32 KV cache, ${tokens} tokens timed after ${WARMUP_STEPS} warm-up steps; host ms is this process's CPU time`);
+  const w = randomWeights(gpu, config, emptyQ4);
+  const lora = LoraAdapter.create(gpu, config, { r: rank, alpha: 2 * rank, targets: LLAMA_PROJECTIONS, seed: 1 });
+  const { hiddenSize: C, numLayers: L, numKvHeads: HK, headDim: D } = config;
+  // w.bytes holds the tied embedding once: the LM head reads all of it, the embedding B rows more.
+  const embedRowBytes = q4Blocks(C) * (Q4_BLOCK_BYTES + 2.5);
+  const weightBytes = w.bytes;
+  const loraBytes = lora.modules.reduce((s, m) => s + 4 * rank * (m.K + m.M), 0);
+  const rows: (string | number)[][] = [];
+  for (const B of [1, 8, 32]) {
+    for (const on of [false, true]) {
+      lora.enabled = on;
+      const cache = new KvCache(gpu, config, B, tokens + WARMUP_STEPS + 2, { dtype: 'f32' });
+      prefillShared(gpu, w, lora, Array.from({ length: P }, (_, i) => (i * 7919 + 13) % config.vocabSize), cache).release();
+      const ids = gpu.zeros([B], 'u32', 'sampled-ids');
+      const logp = gpu.empty([B], 'f32', 'sampled-logp');
+      const readback = gpu.empty([2 * B], 'u32', 'sampled-readback');
+      const step = async (s: number) => {
+        const logits: Tensor = decodeStep(gpu, w, lora, ids, cache);
+        sample(gpu, ids, logits, { temperature: 1, seed: 3, step: s, logp }, B, config.vocabSize);
+        logits.release();
+        gpu.copy(ids, readback, B * 4, 0, 0);
+        gpu.copy(logp, readback, B * 4, 0, B * 4);
+        await gpu.readBytes(readback.buffer, 0, 2 * B * 4);
+      };
+      for (let s = 0; s < WARMUP_STEPS; s++) await step(s);
+      const ctx0 = cache.lengths.reduce((s, n) => s + n, 0);
+      rec.reset();
+      const times: number[] = [];
+      for (let s = 0; s < tokens; s++) {
+        // CPU time of this process, not wall time: a loaded machine does not inflate it.
+        const t0 = process.cpuUsage();
+        await step(WARMUP_STEPS + s);
+        const d = process.cpuUsage(t0);
+        times.push((d.user + d.system) / 1000);
+      }
+      const ms = times.sort((a, b) => a - b)[Math.floor(tokens / 2)]!;
+      const k = rec.counts;
+      // K/V read per step: the prefix once, then each row's own entries (mean over the timed steps).
+      const ownPerStep = B * (ctx0 / B + (tokens + 1) / 2);
+      const kvBytes = 2 * L * HK * D * 4 * (P + ownPerStep);
+      const bytes = weightBytes + (on ? loraBytes : 0) + B * embedRowBytes + kvBytes;
+      rows.push([String(B), on ? 'on' : 'off', k.dispatches / tokens, k.dispatches / tokens / L, k.submits / tokens, k.bindGroups / tokens, ms, `${(bytes / 1e9).toFixed(3)} GB (KV ${(kvBytes / 1e6).toFixed(1)} MB)`]);
+      cache.release();
+      ids.release();
+      logp.release();
+      readback.release();
+    }
+  }
+  printTable(['B', 'LoRA', 'dispatches/token', 'per layer', 'submits/token', 'bind groups/token', 'host CPU ms/token (median)', 'bytes read/token'], rows);
+  console.log(`\npipelines built: ${gpu.pipelines.size}; weights ${(w.bytes / 2 ** 30).toFixed(3)} GiB (LM head tied to the embedding), LoRA A+B ${(loraBytes / 2 ** 20).toFixed(1)} MiB`);
+  lora.release();
+  w.release();
+  gpu.destroy();
+}
+
 async function main(): Promise<void> {
   const flags = parseFlags(process.argv.slice(2));
   const config = configFrom(flags);
+  if (flags.has('record-only')) return recordOnly(config, flags);
   const P = Number(flags.get('prompt-tokens') ?? 256);
   const newTokens = Number(flags.get('new-tokens') ?? 32);
   const G = Number(flags.get('G') ?? 8);

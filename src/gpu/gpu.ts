@@ -6,7 +6,13 @@
  * Batching: dispatches, clears and copies are recorded into one open command encoder
  * (consecutive dispatches share one compute pass); nothing is submitted until
  * flush(), sync() or a read. Each dispatch's uniforms live in a 256-byte slot of one
- * arena buffer that is written once per submit.
+ * arena buffer that is written once per submit; the arena holds a whole decode step
+ * of a 3B model with LoRA (about 1100 dispatches), so a token costs one submit.
+ *
+ * Host cost per dispatch: the pipeline is found by its KernelSource object (no WGSL
+ * string work), and bind groups are cached by (pipeline, arena slot, buffers): a
+ * decode step records the same dispatches on the same pooled buffers every token, so
+ * after the first token its bind groups are reused rather than created.
  */
 import { BufferUsage, MapMode } from './flags';
 import { BufferPool, type PoolStats } from './pool';
@@ -57,7 +63,9 @@ export class GpuDeviceLostError extends GpuError {
 export type Binding = Tensor | { buffer: GPUBuffer; offset?: number; size?: number };
 
 const UNIFORM_SLOT = 256;
-const UNIFORM_ARENA_SLOTS = 256;
+const UNIFORM_ARENA_SLOTS = 4096;
+/** Bind groups kept for reuse; the cache is dropped whole when it grows past this. */
+const BIND_GROUP_CACHE_MAX = 16384;
 
 export async function acquireGpu(options: AcquireOptions = {}): Promise<Gpu> {
   const entry = options.gpu ?? (typeof navigator !== 'undefined' ? navigator.gpu : undefined);
@@ -127,12 +135,17 @@ export class Gpu {
   /** Number of queue submissions so far (tests use it to prove batching). */
   submits = 0;
   dispatches = 0;
+  /** Bind groups created so far (the rest of the dispatches reused a cached one). */
+  bindGroupsCreated = 0;
+  private readonly bindGroups = new Map<string, GPUBindGroup>();
+  private readonly bufferIds = new WeakMap<GPUBuffer, number>();
+  private nextBufferId = 1;
 
   constructor(
     readonly device: GPUDevice,
     readonly caps: GpuCapabilities,
   ) {
-    this.pool = new BufferPool(device, Math.min(caps.maxBufferSize, caps.maxStorageBufferBindingSize));
+    this.pool = new BufferPool(device, Math.min(caps.maxBufferSize, caps.maxStorageBufferBindingSize), () => this.bindGroups.clear());
     this.pipelines = new PipelineCache(device, (msg) => this.asyncErrors.push(msg));
     this.arena = device.createBuffer({
       size: this.arenaData.byteLength,
@@ -231,26 +244,43 @@ export class Gpu {
     if (x > max || y > max || z > max) {
       throw new GpuError(`${kernel.label}: dispatch [${x}, ${y}, ${z}] exceeds ${max} workgroups per dimension`);
     }
-    const pipeline = this.pipelines.get(kernel);
-    const entries: GPUBindGroupEntry[] = [];
-    let binding = 0;
+    const cached = this.pipelines.lookup(kernel);
+    let key = `${cached.id}`;
+    let uniformOffset = -1;
+    let uniformSize = 0;
     if (params) {
       if (this.arenaUsed === UNIFORM_ARENA_SLOTS) this.flush();
       const bytes = params.bytes();
-      const offset = this.arenaUsed * UNIFORM_SLOT;
-      this.arenaData.set(bytes, offset);
+      uniformOffset = this.arenaUsed * UNIFORM_SLOT;
+      uniformSize = bytes.byteLength;
+      this.arenaData.set(bytes, uniformOffset);
       this.arenaUsed++;
-      entries.push({ binding: binding++, resource: { buffer: this.arena, offset, size: bytes.byteLength } });
+      key += `u${this.arenaUsed - 1}.${uniformSize}`;
     }
-    for (const b of bindings) {
+    for (let i = 0; i < bindings.length; i++) {
+      const b = bindings[i]!;
       if (b instanceof Tensor) {
-        if (b.isReleased) throw new GpuError(`${kernel.label}: binding ${binding} is a released ${b}`);
-        entries.push({ binding: binding++, resource: { buffer: b.buffer } });
+        if (b.isReleased) throw new GpuError(`${kernel.label}: binding ${i + (params ? 1 : 0)} is a released ${b}`);
+        key += `|${this.bufferId(b.buffer)}`;
       } else {
-        entries.push({ binding: binding++, resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size } });
+        key += `|${this.bufferId(b.buffer)}@${b.offset ?? 0}+${b.size ?? ''}`;
       }
     }
-    const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    let bindGroup = this.bindGroups.get(key);
+    if (!bindGroup) {
+      const entries: GPUBindGroupEntry[] = [];
+      let binding = 0;
+      if (params) entries.push({ binding: binding++, resource: { buffer: this.arena, offset: uniformOffset, size: uniformSize } });
+      for (const b of bindings) {
+        if (b instanceof Tensor) entries.push({ binding: binding++, resource: { buffer: b.buffer } });
+        else entries.push({ binding: binding++, resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size } });
+      }
+      bindGroup = this.device.createBindGroup({ layout: cached.layout, entries });
+      this.bindGroupsCreated++;
+      if (this.bindGroups.size >= BIND_GROUP_CACHE_MAX) this.bindGroups.clear();
+      this.bindGroups.set(key, bindGroup);
+    }
+    const pipeline = cached.pipeline;
     const pass = this.computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
@@ -328,6 +358,12 @@ export class Gpu {
   }
 
   // ---- internals -----------------------------------------------------------------
+
+  private bufferId(b: GPUBuffer): number {
+    let id = this.bufferIds.get(b);
+    if (id === undefined) this.bufferIds.set(b, (id = this.nextBufferId++));
+    return id;
+  }
 
   private checkAlive(): void {
     if (this.lostError) throw this.lostError;

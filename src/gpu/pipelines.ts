@@ -1,6 +1,11 @@
 /**
  * Compute pipelines cached by shader source. Compilation errors are caught in an
  * error scope and reported with the kernel's label and the offending WGSL lines.
+ *
+ * Look-up cost: kernels memoize their KernelSource objects (kernelCache in
+ * src/kernels/wgsl.ts), so a dispatch finds its pipeline by the object itself (a
+ * WeakMap hit, no string work). Only the first sight of a source object keys by its
+ * WGSL text, so two objects with one code share one pipeline.
  */
 
 export interface KernelSource {
@@ -11,8 +16,19 @@ export interface KernelSource {
   entry?: string;
 }
 
+/** A pipeline and its bind group layout (fetched once: getBindGroupLayout is not free on real drivers). */
+export interface CachedPipeline {
+  pipeline: GPUComputePipeline;
+  layout: GPUBindGroupLayout;
+  /** small integer naming this pipeline in bind group cache keys */
+  id: number;
+}
+
 export class PipelineCache {
-  private readonly cache = new Map<string, GPUComputePipeline>();
+  private readonly cache = new Map<string, CachedPipeline>();
+  private readonly bySource = new WeakMap<KernelSource, CachedPipeline>();
+  /** Source objects looked up by WGSL text (first sight of each); tests use it to prove the fast path. */
+  codeLookups = 0;
 
   constructor(
     private readonly device: GPUDevice,
@@ -24,13 +40,58 @@ export class PipelineCache {
   }
 
   get(kernel: KernelSource): GPUComputePipeline {
+    return this.lookup(kernel).pipeline;
+  }
+
+  /** The pipeline of `kernel` with its layout and id, built on first use. */
+  lookup(kernel: KernelSource): CachedPipeline {
+    const hit = this.bySource.get(kernel);
+    if (hit) return hit;
+    this.codeLookups++;
     const entry = kernel.entry ?? 'main';
     const key = `${entry}\n${kernel.code}`;
-    let p = this.cache.get(key);
-    if (p) return p;
+    let c = this.cache.get(key);
+    if (!c) {
+      const pipeline = this.build(kernel, entry);
+      c = { pipeline, layout: pipeline.getBindGroupLayout(0), id: this.cache.size };
+      this.cache.set(key, c);
+    }
+    this.bySource.set(kernel, c);
+    return c;
+  }
+
+  /**
+   * Compiles the given kernels' pipelines in the background (createComputePipelineAsync),
+   * so their first dispatch does not stall on the driver's compiler. Kernels already
+   * cached are skipped; a later dispatch of a kernel still compiling builds it itself.
+   * Resolves when all are ready; compile errors are reported like those of get().
+   */
+  async warm(kernels: readonly KernelSource[]): Promise<void> {
+    await Promise.all(
+      kernels.map(async (kernel) => {
+        const entry = kernel.entry ?? 'main';
+        const key = `${entry}\n${kernel.code}`;
+        if (this.bySource.has(kernel) || this.cache.has(key)) return;
+        const module = this.device.createShaderModule({ code: kernel.code, label: kernel.label });
+        let pipeline: GPUComputePipeline;
+        try {
+          pipeline = await this.device.createComputePipelineAsync({ layout: 'auto', compute: { module, entryPoint: entry }, label: kernel.label });
+        } catch (e) {
+          this.reportError(`kernel "${kernel.label}" failed to compile: ${e instanceof Error ? e.message : String(e)}`);
+          return;
+        }
+        if (this.cache.has(key)) return; // a dispatch built it meanwhile
+        const c = { pipeline, layout: pipeline.getBindGroupLayout(0), id: this.cache.size };
+        this.cache.set(key, c);
+        this.bySource.set(kernel, c);
+      }),
+    );
+  }
+
+  private build(kernel: KernelSource, entry: string): GPUComputePipeline {
     this.device.pushErrorScope('validation');
     const module = this.device.createShaderModule({ code: kernel.code, label: kernel.label });
-    p = this.device.createComputePipeline({
+    const p = this.device.createComputePipeline({
       layout: 'auto',
       compute: { module, entryPoint: entry },
       label: kernel.label,
@@ -49,7 +110,6 @@ export class PipelineCache {
       }
       this.reportError(`kernel "${kernel.label}" failed to compile: ${err.message}${detail ? `\n${detail}` : ''}`);
     });
-    this.cache.set(key, p);
     return p;
   }
 }

@@ -43,6 +43,8 @@ export class BufferPool {
   constructor(
     private readonly device: GPUDevice,
     private readonly maxBufferSize: number,
+    /** called after trim() destroyed buffers (the runtime drops bind groups that name them) */
+    private readonly onTrim?: () => void,
   ) {}
 
   acquire(bytes: number, label = ''): GPUBuffer {
@@ -93,6 +95,7 @@ export class BufferPool {
     }
     this.free.clear();
     this.freeCount = 0;
+    this.onTrim?.();
   }
 
   resetPeaks(): void {

@@ -29,7 +29,21 @@
 import type { Binding, Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
-import { WG_LINEAR, ceilDiv, grid, kernelCache } from './wgsl';
+import { WG_LINEAR, ceilDiv, enables, grid, kernelCache } from './wgsl';
+
+/** Element type of a KV cache (and shared prefix): f16 needs shader-f16; scores, softmax and sums stay f32. */
+export type KvDtype = 'f32' | 'f16';
+
+/** The element type of a K/V binding: a Tensor says it; a bare buffer range is `fallback`. */
+function kvDtypeOf(b: Binding, fallback: KvDtype): KvDtype {
+  const d = 'dtype' in b ? b.dtype : fallback;
+  if (d !== 'f32' && d !== 'f16') throw new Error(`attention: K/V must be f32 or f16, got ${d}`);
+  return d;
+}
+
+function checkKvDtype(gpu: Gpu, d: KvDtype, what: string): void {
+  if (d === 'f16' && !gpu.caps.f16) throw new Error(`${what}: an f16 KV cache needs the shader-f16 feature, which this device lacks; use an f32 cache`);
+}
 
 /** Browsers' default maxComputeWorkgroupStorageSize; defaults are chosen to fit it. */
 export const PORTABLE_WORKGROUP_STORAGE = 16384;
@@ -503,7 +517,7 @@ export function defaultDecodeTiles(D: number, G: number, B = 8, limit = PORTABLE
  * chunk*CH .. of row wid.z's cache for its G heads; 'prefix' workgroups read the shared
  * prefix for the G heads of rows wid.z*R .. wid.z*R+R-1 (the prefix is read once per R rows).
  */
-const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: DecodeTiles, source: 'cache' | 'prefix') => {
+const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: DecodeTiles, source: 'cache' | 'prefix', kv: KvDtype = 'f32') => {
   const { chunk: CH, tpr: TPR, threads: WG } = tiles;
   const D4 = D / 4;
   const NV = D4 / TPR;
@@ -511,16 +525,19 @@ const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: Decode
   const PS = TPR + 1;
   const QN = R * G;
   const cache = source === 'cache';
+  // f16 K/V are widened to f32 as they are read; everything after is f32.
+  const kvT = kv === 'f16' ? 'vec4h' : 'vec4f';
+  const wide = (e: string) => (kv === 'f16' ? `vec4f(${e})` : e);
   return {
-    label: `attention_decode_${source} D=${D} G=${G} rows=${R} chunk=${CH} tpr=${TPR} wg=${WG}`,
-    code: /* wgsl */ `
+    label: `attention_decode_${source} D=${D} G=${G} rows=${R} chunk=${CH} tpr=${TPR} wg=${WG}${kv === 'f16' ? ' kv=f16' : ''}`,
+    code: /* wgsl */ `${enables({ f16: kv === 'f16' })}
 struct Params { B: u32, Smax: u32, H: u32, HK: u32, P: u32, nChunks: u32, prefixChunks: u32, scale: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> opart: array<vec4f>;  // [B, H, nChunks, D] unnormalised
 @group(0) @binding(2) var<storage, read_write> ml: array<vec2f>;     // [B, H, nChunks] (max, sum)
 @group(0) @binding(3) var<storage, read> q: array<vec4f>;            // [B, H, D]
-@group(0) @binding(4) var<storage, read> keys: array<vec4f>;         // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
-@group(0) @binding(5) var<storage, read> values: array<vec4f>;       // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
+@group(0) @binding(4) var<storage, read> keys: array<${kvT}>;         // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
+@group(0) @binding(5) var<storage, read> values: array<${kvT}>;       // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
 ${cache ? '@group(0) @binding(6) var<storage, read> lengths: array<u32>;        // [B]' : ''}
 var<workgroup> qs: array<vec4f, ${QN * D4}>;
 var<workgroup> part: array<f32, ${QN * KP * PS}>;
@@ -561,7 +578,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     ${each(QN, (i) => `var a${i} = 0.0;`, '\n    ')}
     if (c < n) {
       let kb = keyBase + (c0 + c) * keyStride + j;
-      ${each(NV, (m) => `let k${m} = keys[kb + ${m * TPR}u];`, '\n      ')}
+      ${each(NV, (m) => `let k${m} = ${wide(`keys[kb + ${m * TPR}u]`)};`, '\n      ')}
       ${each(QN, (i) => `a${i} = ${sum(NV, (m) => `dot(k${m}, qs[${i * D4 + m * TPR}u + j])`)};`, '\n      ')}
     }
     ${each(QN, (i) => `part[(${i * KP}u + cl) * ${PS}u + j] = a${i};`, '\n    ')}
@@ -592,7 +609,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     if (b < p.B) {
       let vb = keyBase + c0 * keyStride + d4;
       var acc = vec4f(0.0);
-      for (var c = 0u; c < n; c++) { acc += sc[qi * ${CH}u + c] * values[vb + c * keyStride]; }
+      for (var c = 0u; c < n; c++) { acc += sc[qi * ${CH}u + c] * ${wide('values[vb + c * keyStride]')}; }
       let bh = b * p.H + hk * ${G}u + qi % ${G}u;
       opart[(bh * p.nChunks + outChunk) * ${D4}u + d4] = acc;
       if (d4 == 0u) { ml[bh * p.nChunks + outChunk] = stat[qi]; }
@@ -647,6 +664,8 @@ export interface DecodeOptions {
   /** Upper bound on every lengths[b] (fewer splits when the cache is mostly empty); default Smax. */
   maxLength?: number;
   tiles?: DecodeTiles;
+  /** Element type of K/V given as bare buffer ranges (a Tensor states its own); default f32. */
+  kvDtype?: KvDtype;
 }
 
 /**
@@ -654,7 +673,9 @@ export interface DecodeOptions {
  * shared prefix (if any, positions 0 .. P-1) followed by the first lengths[b] entries of
  * row b's cache kCache, vCache [B, Smax, HK, D]. lengths (u32 [B]) counts the new token.
  * No causal mask beyond that: the new query sees every valid key. Cache and prefix may
- * be buffer ranges (e.g. one layer's slice of a cache holding every layer).
+ * be buffer ranges (e.g. one layer's slice of a cache holding every layer). Cache and
+ * prefix may each be f16 (needs shader-f16): keys and values are widened to f32 as
+ * they are read, so scores, softmax and the weighted sums stay f32.
  */
 export function attentionDecode(
   gpu: Gpu,
@@ -683,6 +704,12 @@ export function attentionDecode(
   if (bytes > gpu.caps.maxComputeWorkgroupStorageSize) {
     throw new Error(`attention decode: tiles ${JSON.stringify(tiles)} need ${bytes} bytes of workgroup memory`);
   }
+  const cacheKv = kvDtypeOf(kCache, opts.kvDtype ?? 'f32');
+  if (kvDtypeOf(vCache, cacheKv) !== cacheKv) throw new Error('attention decode: the K and V caches must have one element type');
+  const prefixKv = prefix ? kvDtypeOf(prefix.k, cacheKv) : cacheKv;
+  if (prefix && kvDtypeOf(prefix.v, prefixKv) !== prefixKv) throw new Error('attention decode: the prefix K and V must have one element type');
+  checkKvDtype(gpu, cacheKv, 'attention decode');
+  checkKvDtype(gpu, prefixKv, 'attention decode');
   const P = prefix?.P ?? 0;
   const maxLength = Math.min(opts.maxLength ?? Smax, Smax);
   const prefixChunks = ceilDiv(P, tiles.chunk);
@@ -692,9 +719,9 @@ export function attentionDecode(
   const params = () => new Params().u32(B).u32(Smax).u32(H).u32(HK).u32(P).u32(nChunks).u32(prefixChunks).f32(1 / Math.sqrt(D));
   if (prefix && prefixChunks > 0) {
     const R = Math.min(tiles.prefixRows, B);
-    gpu.dispatch(decodeKernel(D, G, R, tiles, 'prefix'), [opart, ml, q, prefix.k, prefix.v], [prefixChunks, HK, ceilDiv(B, R)], params());
+    gpu.dispatch(decodeKernel(D, G, R, tiles, 'prefix', prefixKv), [opart, ml, q, prefix.k, prefix.v], [prefixChunks, HK, ceilDiv(B, R)], params());
   }
-  gpu.dispatch(decodeKernel(D, G, 1, tiles, 'cache'), [opart, ml, q, kCache, vCache, lengths], [nChunks - prefixChunks, HK, B], params());
+  gpu.dispatch(decodeKernel(D, G, 1, tiles, 'cache', cacheKv), [opart, ml, q, kCache, vCache, lengths], [nChunks - prefixChunks, HK, B], params());
   gpu.dispatch(
     combineKernel(D, tiles.chunk),
     [out, opart, ml, lengths],
@@ -705,13 +732,13 @@ export function attentionDecode(
   ml.release();
 }
 
-const cacheWriteKernel = kernelCache(() => ({
-  label: 'kv_cache_write',
-  code: /* wgsl */ `
+const cacheWriteKernel = kernelCache((kv: KvDtype = 'f32') => ({
+  label: `kv_cache_write${kv === 'f16' ? ' kv=f16' : ''}`,
+  code: /* wgsl */ `${enables({ f16: kv === 'f16' })}
 struct Params { B: u32, T: u32, Smax: u32, rowVec4: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> kc: array<vec4f>;     // [B, Smax, HK, D]
-@group(0) @binding(2) var<storage, read_write> vc: array<vec4f>;     // [B, Smax, HK, D]
+@group(0) @binding(1) var<storage, read_write> kc: array<${kv === 'f16' ? 'vec4h' : 'vec4f'}>;     // [B, Smax, HK, D]
+@group(0) @binding(2) var<storage, read_write> vc: array<${kv === 'f16' ? 'vec4h' : 'vec4f'}>;     // [B, Smax, HK, D]
 @group(0) @binding(3) var<storage, read> k: array<vec4f>;            // [B, T, HK, D]
 @group(0) @binding(4) var<storage, read> v: array<vec4f>;            // [B, T, HK, D]
 @group(0) @binding(5) var<storage, read> offsets: array<u32>;        // [B]
@@ -726,15 +753,16 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
   let pos = offsets[b] + bt % p.T;
   if (pos >= p.Smax) { return; }
   let dst = (b * p.Smax + pos) * p.rowVec4 + e;
-  kc[dst] = k[i];
-  vc[dst] = v[i];
+  kc[dst] = ${kv === 'f16' ? 'vec4h(k[i])' : 'k[i]'};
+  vc[dst] = ${kv === 'f16' ? 'vec4h(v[i])' : 'v[i]'};
 }`,
 }));
 
 /**
  * Writes k, v [B, T, HK, D] into kCache, vCache [B, Smax, HK, D] at rows
  * offsets[b] .. offsets[b]+T-1 of each batch row (u32 offsets [B]); positions at or
- * past Smax are dropped. The caches may be buffer ranges.
+ * past Smax are dropped. The caches may be buffer ranges (f32), or f16 Tensors
+ * (values rounded to nearest f16 as they are stored).
  */
 export function kvCacheWrite(
   gpu: Gpu,
@@ -751,8 +779,11 @@ export function kvCacheWrite(
 ): void {
   checkHeadDim(D);
   const rowVec4 = (HK * D) / 4;
+  const kv = kvDtypeOf(kCache, 'f32');
+  if (kvDtypeOf(vCache, kv) !== kv) throw new Error('kvCacheWrite: the K and V caches must have one element type');
+  checkKvDtype(gpu, kv, 'kvCacheWrite');
   gpu.dispatch(
-    cacheWriteKernel(),
+    cacheWriteKernel(kv),
     [kCache, vCache, k, v, offsets],
     grid(ceilDiv(B * T * rowVec4, 256)),
     new Params().u32(B).u32(T).u32(Smax).u32(rowVec4),

@@ -13,8 +13,8 @@ export function q4Linear(W: Q4Weight): FrozenLinear {
   return {
     V: W.M,
     C: W.K,
-    logits(gpu, out, h, N, rowStart, rows) {
-      q4Matmul(gpu, out, h, W, N, { rowStart, rowCount: rows });
+    logits(gpu, out, h, N, rowStart, rows, accumulate = false) {
+      q4Matmul(gpu, out, h, W, N, { rowStart, rowCount: rows, accumulate });
     },
     backward(gpu, dh, dlogits, N, rowStart, rows, accumulate) {
       q4MatmulBackward(gpu, dh, dlogits, W, N, { rowStart, rowCount: rows, accumulate });

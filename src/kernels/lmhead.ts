@@ -27,8 +27,8 @@ import { WG_LINEAR, ceilDiv, grid, kernelCache, workgroupReduceWgsl } from './wg
 export interface VocabProjection {
   readonly V: number;
   readonly C: number;
-  /** out[n, j] = sum_c h[n, c] W[rowStart + j, c] for j < rows; out packed as [N, rows]. */
-  logits(gpu: Gpu, out: Tensor, h: Tensor, N: number, rowStart: number, rows: number): void;
+  /** out[n, j] (accumulate ? += : =) sum_c h[n, c] W[rowStart + j, c] for j < rows; out packed as [N, rows]. */
+  logits(gpu: Gpu, out: Tensor, h: Tensor, N: number, rowStart: number, rows: number, accumulate?: boolean): void;
   /** dh[n, c] (accumulate ? += : =) sum_j dlogits[n, j] W[rowStart + j, c]; dlogits packed [N, rows]. */
   backward(gpu: Gpu, dh: Tensor, dlogits: Tensor, N: number, rowStart: number, rows: number, accumulate: boolean): void;
 }
@@ -43,15 +43,15 @@ export function f32VocabProjection(weight: Tensor, V: number, C: number): VocabP
     return {
       V,
       C,
-      logits: (gpu, out, h, N, rowStart, rows) => rowsForward(gpu, out, h, weight, N, C, rowStart, rows),
+      logits: (gpu, out, h, N, rowStart, rows, accumulate = false) => rowsForward(gpu, out, h, weight, N, C, rowStart, rows, accumulate),
       backward: (gpu, dh, dlogits, N, rowStart, rows, accumulate) => rowsBackward(gpu, dh, dlogits, weight, N, C, rowStart, rows, accumulate),
     };
   }
   return {
     V,
     C,
-    logits(gpu, out, h, N, rowStart, rows) {
-      matmul(gpu, out, h, weight, N, rows, C, { transB: true, bOffset: rowStart * C });
+    logits(gpu, out, h, N, rowStart, rows, accumulate = false) {
+      matmul(gpu, out, h, weight, N, rows, C, { transB: true, bOffset: rowStart * C, accumulate });
     },
     backward(gpu, dh, dlogits, N, rowStart, rows, accumulate) {
       matmul(gpu, dh, dlogits, weight, N, C, rows, { bOffset: rowStart * C, accumulate });

@@ -20,11 +20,19 @@ export function grid(nWorkgroups: number): [number, number] {
 /** WGSL expression for the linear workgroup index under `grid()`. Needs `wid` and `nwg` builtins. */
 export const WG_LINEAR = '(wid.x + wid.y * nwg.x)';
 
-/** Memoizes a kernel generator on its (JSON-serialisable) arguments. */
+/**
+ * Memoizes a kernel generator on its (JSON-serialisable) arguments, so one set of
+ * arguments always yields the same KernelSource object (the pipeline cache keys on
+ * the object). Scalar arguments key by a short joined string; objects by JSON.
+ */
 export function kernelCache<A extends unknown[]>(make: (...args: A) => KernelSource): (...args: A) => KernelSource {
   const cache = new Map<string, KernelSource>();
   return (...args: A) => {
-    const key = JSON.stringify(args);
+    let key = '';
+    for (const a of args) {
+      key += typeof a === 'object' && a !== null ? JSON.stringify(a) : `${typeof a}:${String(a)}`;
+      key += ',';
+    }
     let k = cache.get(key);
     if (!k) cache.set(key, (k = make(...args)));
     return k;

@@ -26,7 +26,8 @@ import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
 import { addInPlace } from '../kernels/elementwise';
 import { sample } from '../kernels/sample';
-import { KvCache, decodeStep, prefill, prefillShared, type InferenceLora } from './infer';
+import type { KvDtype } from '../kernels/attention';
+import { KvCache, decodeStep, defaultKvDtype, prefill, prefillShared, type InferenceLora } from './infer';
 import type { LlamaWeights } from './weights';
 
 export interface GenerateOptions {
@@ -53,6 +54,8 @@ export interface GenerateOptions {
   allowedTokens?: readonly number[];
   /** called for every new token of a still-running row, in row order within a step */
   onToken?: (row: number, tokenId: number, step: number) => void;
+  /** KV cache element type; default defaultKvDtype(gpu): f16 where the device has shader-f16. */
+  kvCache?: KvDtype;
 }
 
 export type FinishReason = 'stop' | 'length';
@@ -120,7 +123,7 @@ export async function generate(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | 
   const ownPrompt = suffixes[0]!.length > 0;
   const maxSuffix = Math.max(...suffixes.map((s) => s.length));
   // The last sampled token never enters the cache.
-  const cache = new KvCache(gpu, w.config, B, Math.max(1, maxSuffix + maxNewTokens - 1));
+  const cache = new KvCache(gpu, w.config, B, Math.max(1, maxSuffix + maxNewTokens - 1), { dtype: opts.kvCache ?? defaultKvDtype(gpu) });
   const owned: Tensor[] = [];
   let decodeSteps = 0;
   let steps = 0;

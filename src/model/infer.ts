@@ -10,7 +10,9 @@
  * The shared prefix is the prompt that a group of G answers continues: it is prefilled
  * once (B = 1) and every decode step reads it once per group of rows (attentionDecode
  * scores prefix chunks for several rows per workgroup), so G answers cost one prompt's
- * worth of K/V memory and prefill, not G.
+ * worth of K/V memory and prefill, not G. Both hold f32, or f16 (KvCache's dtype;
+ * generate() picks f16 where the device has shader-f16): rows are rounded to f16 as
+ * they are stored and widened as attention reads them.
  *
  * Decode cost: one step runs every linear layer on B rows at once, so each weight is
  * read once per step for the whole batch (the 4-bit GEMV serves up to Q4_GEMV_MAX_N = 8
@@ -23,9 +25,11 @@
  */
 import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
-import { attentionDecode, attentionForward, kvCacheWrite } from '../kernels/attention';
-import { addInPlace, swigluForward } from '../kernels/elementwise';
+import { attentionDecode, attentionForward, kvCacheWrite, type KvDtype } from '../kernels/attention';
+import { convertCopy } from '../kernels/convert';
+import { swigluForward } from '../kernels/elementwise';
 import { embeddingForward, embeddingForwardF32 } from '../kernels/embedding';
+import { LORA_BATCHED_MAX_N, loraDecode } from '../kernels/lora-decode';
 import { matmul } from '../kernels/matmul';
 import { rmsnormForward } from '../kernels/rmsnorm';
 import { ropeForward } from '../kernels/rope';
@@ -49,11 +53,27 @@ export interface InferenceLora {
 }
 
 /**
+ * The KV cache element type generation uses on this device: f16 where the device was
+ * acquired with shader-f16 (the default when the adapter offers it; acquireGpu's
+ * `f16: false` keeps f32), else f32. An f16 cache halves its memory; attention still
+ * scores, normalises and sums in f32.
+ */
+export function defaultKvDtype(gpu: Gpu): KvDtype {
+  return gpu.caps.f16 ? 'f16' : 'f32';
+}
+
+export interface KvCacheOptions {
+  /** Element type of the cache and its shared prefix (default f32; generate() uses defaultKvDtype). */
+  dtype?: KvDtype;
+}
+
+/**
  * Key/value cache for B rows of up to Smax own positions each, after an optional
  * shared prefix. `lengths[b]` counts row b's own entries (not the prefix); the host
  * keeps it, and each decode step uploads what the kernels need.
  */
 export class KvCache {
+  readonly dtype: KvDtype;
   readonly L: number;
   readonly HK: number;
   readonly D: number;
@@ -71,15 +91,19 @@ export class KvCache {
     config: LlamaWeights['config'],
     readonly B: number,
     readonly Smax: number,
+    opts: KvCacheOptions = {},
   ) {
     if (!(Number.isInteger(B) && B >= 1)) throw new Error(`KvCache: B must be a positive integer, got ${B}`);
     if (!(Number.isInteger(Smax) && Smax >= 1)) throw new Error(`KvCache: Smax must be a positive integer, got ${Smax}`);
+    this.dtype = opts.dtype ?? 'f32';
+    if (this.dtype !== 'f32' && this.dtype !== 'f16') throw new Error(`KvCache: dtype must be 'f32' or 'f16', got ${String(this.dtype)}`);
+    if (this.dtype === 'f16' && !gpu.caps.f16) throw new Error('KvCache: an f16 cache needs the shader-f16 feature, which this device lacks; use dtype f32');
     this.L = config.numLayers;
     this.HK = config.numKvHeads;
     this.D = config.headDim;
     for (let l = 0; l < this.L; l++) {
-      this.k.push(gpu.empty([B, Smax, this.HK, this.D], 'f32', `kv-cache.k.${l}`));
-      this.v.push(gpu.empty([B, Smax, this.HK, this.D], 'f32', `kv-cache.v.${l}`));
+      this.k.push(gpu.empty([B, Smax, this.HK, this.D], this.dtype, `kv-cache.k.${l}`));
+      this.v.push(gpu.empty([B, Smax, this.HK, this.D], this.dtype, `kv-cache.v.${l}`));
     }
     this.lengths = new Array<number>(B).fill(0);
   }
@@ -91,7 +115,7 @@ export class KvCache {
 
   /** GPU bytes of the per-row cache plus the prefix. */
   get bytes(): number {
-    const row = this.HK * this.D * 4;
+    const row = this.HK * this.D * (this.dtype === 'f16' ? 2 : 4);
     return 2 * this.L * row * (this.B * this.Smax + this.P);
   }
 
@@ -104,8 +128,8 @@ export class KvCache {
 }
 
 /** Bytes a KvCache of B rows x Smax positions and a P-token shared prefix occupies. */
-export function kvCacheBytes(config: LlamaWeights['config'], B: number, Smax: number, P = 0): number {
-  return 2 * config.numLayers * config.numKvHeads * config.headDim * 4 * (B * Smax + P);
+export function kvCacheBytes(config: LlamaWeights['config'], B: number, Smax: number, P = 0, dtype: KvDtype = 'f32'): number {
+  return 2 * config.numLayers * config.numKvHeads * config.headDim * (dtype === 'f16' ? 2 : 4) * (B * Smax + P);
 }
 
 // ---- building blocks -------------------------------------------------------------
@@ -117,17 +141,41 @@ function passLora(lora: InferenceLora | null): ReadonlyArray<LayerLora> | null {
   return lora && lora.enabled ? lora.layers : null;
 }
 
-/** out [N, M] = x [N, K] W^T (+ scale (x A^T) B^T when adapted). */
-function linear(gpu: Gpu, out: Tensor, x: Tensor, N: number, layer: LayerWeights, proj: ProjectionName, lora: LayerLora | null): void {
-  const W = layer[proj];
-  W.logits(gpu, out, x, N, 0, W.V);
-  const f = lora?.[proj];
-  if (!f) return;
-  const R = f.A.shape[0]!;
-  const u = gpu.empty([N, R], 'f32', 'lora-u');
-  matmul(gpu, u, x, f.A, N, R, W.C, { transB: true });
-  matmul(gpu, out, u, f.B, N, W.V, R, { transB: true, alpha: f.scale, accumulate: true });
-  u.release();
+/**
+ * For each (out, proj) of projections sharing the input x [N, K]:
+ * out [N, M] (accumulate ? += : =) x W^T (+ scale (x A^T) B^T when adapted).
+ * With accumulate the caller's residual stream is the output (no separate add).
+ * Short batches (decode) run the adapted projections' A products in one dispatch
+ * and each B product in one more (loraDecode); longer ones use the tiled matmul.
+ */
+function linear(
+  gpu: Gpu,
+  outs: ReadonlyArray<readonly [Tensor, ProjectionName]>,
+  x: Tensor,
+  N: number,
+  layer: LayerWeights,
+  lora: LayerLora | null,
+  accumulate = false,
+): void {
+  for (const [out, proj] of outs) layer[proj].logits(gpu, out, x, N, 0, layer[proj].V, accumulate);
+  const adapted = outs.flatMap(([out, proj]) => {
+    const f = lora?.[proj];
+    return f ? [{ A: f.A, B: f.B, scale: f.scale, y: out, M: layer[proj].V }] : [];
+  });
+  if (adapted.length === 0) return;
+  const K = layer[outs[0]![1]].C;
+  const R = adapted[0]!.A.shape[0]!;
+  if (N <= LORA_BATCHED_MAX_N && adapted.length <= 3 && adapted.every((t) => t.A.shape[0] === R)) {
+    loraDecode(gpu, x, N, K, adapted);
+    return;
+  }
+  for (const t of adapted) {
+    const r = t.A.shape[0]!;
+    const u = gpu.empty([N, r], 'f32', 'lora-u');
+    matmul(gpu, u, x, t.A, N, r, K, { transB: true });
+    matmul(gpu, t.y, u, t.B, N, t.M, r, { transB: true, alpha: t.scale, accumulate: true });
+    u.release();
+  }
 }
 
 function embed(gpu: Gpu, out: Tensor, ids: Tensor, w: LlamaWeights, N: number): void {
@@ -153,38 +201,30 @@ function decoderLayer(gpu: Gpu, w: LlamaWeights, l: number, lora: ReadonlyArray<
   const q = gpu.empty([N, H, D], 'f32', 'q');
   const k = gpu.empty([N, HK, D], 'f32', 'k');
   const v = gpu.empty([N, HK, D], 'f32', 'v');
-  linear(gpu, q, h, N, layer, 'q', ad);
-  linear(gpu, k, h, N, layer, 'k', ad);
-  linear(gpu, v, h, N, layer, 'v', ad);
+  linear(gpu, [[q, 'q'], [k, 'k'], [v, 'v']], h, N, layer, ad);
   h.release();
   ropeForward(gpu, q, q, w.invFreq, positions, N, H, D);
   ropeForward(gpu, k, k, w.invFreq, positions, N, HK, D);
   const att = gpu.empty([N, H, D], 'f32', 'att');
   attend(l, att, q, k, v);
   q.release();
-  const o = gpu.empty([N, C], 'f32', 'o');
-  linear(gpu, o, att, N, layer, 'o', ad);
+  // x += o-projection: the residual add is the GEMV's accumulate epilogue.
+  linear(gpu, [[x, 'o']], att, N, layer, ad, true);
   att.release();
-  addInPlace(gpu, x, o, N * C);
-  o.release();
 
   const h2 = gpu.empty([N, C], 'f32', 'h2');
   rmsnormForward(gpu, h2, rstd, x, layer.postNorm, N, C, eps);
   rstd.release();
   const gate = gpu.empty([N, F], 'f32', 'gate');
   const up = gpu.empty([N, F], 'f32', 'up');
-  linear(gpu, gate, h2, N, layer, 'gate', ad);
-  linear(gpu, up, h2, N, layer, 'up', ad);
+  linear(gpu, [[gate, 'gate'], [up, 'up']], h2, N, layer, ad);
   h2.release();
   const act = gpu.empty([N, F], 'f32', 'act');
   swigluForward(gpu, act, gate, up, N * F);
   gate.release();
   up.release();
-  const down = gpu.empty([N, C], 'f32', 'down');
-  linear(gpu, down, act, N, layer, 'down', ad);
+  linear(gpu, [[x, 'down']], act, N, layer, ad, true);
   act.release();
-  addInPlace(gpu, x, down, N * C);
-  down.release();
 }
 
 /** logits [R, V] of the hidden rows `rows` of x [N, C] (final norm, then the LM head on those rows only). */
@@ -245,13 +285,15 @@ function segmentAttention(gpu: Gpu, att: Tensor, q: Tensor, k: Tensor, v: Tensor
   }
   const qRow = H * D * 4;
   const kvRow = HK * D * 4;
+  const kvElems = HK * D;
   for (const s of segs) {
     const S = P + s.T;
     const kAll = gpu.empty([S, HK, D], 'f32', 'k-all');
     const vAll = gpu.empty([S, HK, D], 'f32', 'v-all');
     if (prefix && P > 0) {
-      gpu.copy(prefix.k, kAll, P * kvRow, 0, 0);
-      gpu.copy(prefix.v, vAll, P * kvRow, 0, 0);
+      // An f16 prefix is widened: the prompt sees the prefix exactly as decode steps do.
+      copyKv(gpu, prefix.k, kAll, P * kvElems, 0, 0);
+      copyKv(gpu, prefix.v, vAll, P * kvElems, 0, 0);
     }
     gpu.copy(k, kAll, s.T * kvRow, s.start * kvRow, P * kvRow);
     gpu.copy(v, vAll, s.T * kvRow, s.start * kvRow, P * kvRow);
@@ -269,6 +311,16 @@ function segmentAttention(gpu: Gpu, att: Tensor, q: Tensor, k: Tensor, v: Tensor
       qs.release();
       out.release();
     }
+  }
+}
+
+/** Copies `count` elements (offsets in elements) between K/V tensors, converting when their element types differ. */
+function copyKv(gpu: Gpu, src: Tensor, dst: Tensor, count: number, srcOffset: number, dstOffset: number): void {
+  if (src.dtype === dst.dtype) {
+    const e = src.dtype === 'f16' ? 2 : 4;
+    gpu.copy(src, dst, count * e, srcOffset * e, dstOffset * e);
+  } else {
+    convertCopy(gpu, dst, src, count, srcOffset, dstOffset);
   }
 }
 
@@ -311,9 +363,18 @@ export function prefillShared(
       const lse = gpu.empty([1, H, T], 'f32', 'lse');
       attentionForward(gpu, att, lse, q, k, v, 1, T, T, H, HK, D);
       lse.release();
-      // The roped keys and the values of the prompt are the prefix as they stand.
-      prefix.k.push(k);
-      prefix.v.push(v);
+      if (cache.dtype === 'f32') {
+        // The roped keys and the values of the prompt are the prefix as they stand.
+        prefix.k.push(k);
+        prefix.v.push(v);
+      } else {
+        for (const [src, dst] of [[k, prefix.k], [v, prefix.v]] as const) {
+          const t = gpu.empty([T, HK, D], cache.dtype, `kv-prefix.${dst === prefix.k ? 'k' : 'v'}.${_l}`);
+          convertCopy(gpu, t, src);
+          src.release();
+          dst.push(t);
+        }
+      }
     });
   }
   posT.release();
@@ -367,8 +428,7 @@ export function prefill(
   const x = gpu.empty([N, C], 'f32', 'x');
   embed(gpu, x, idsT, w, N);
   idsT.release();
-  const kvRow = HK * D * 4;
-  const rowBytes = cache.Smax * kvRow;
+  const kvElems = HK * D;
   const ad = passLora(lora);
   for (let l = 0; l < w.config.numLayers; l++) {
     decoderLayer(gpu, w, l, ad, x, posT, N, (l, att, q, k, v) => {
@@ -376,8 +436,8 @@ export function prefill(
       segmentAttention(gpu, att, q, k, v, segs, prefix, H, HK, D);
       segs.forEach((s, i) => {
         for (const r of rows[i]!) {
-          gpu.copy(k, cache.k[l]!, s.T * kvRow, s.start * kvRow, r * rowBytes);
-          gpu.copy(v, cache.v[l]!, s.T * kvRow, s.start * kvRow, r * rowBytes);
+          copyKv(gpu, k, cache.k[l]!, s.T * kvElems, s.start * kvElems, r * cache.Smax * kvElems);
+          copyKv(gpu, v, cache.v[l]!, s.T * kvElems, s.start * kvElems, r * cache.Smax * kvElems);
         }
       });
       k.release();

@@ -7,9 +7,10 @@
  *                 layer, f32 norms, RoPE inverse frequencies, the score head
  *   lora          A [R, K], B [M, R] per adapted projection and their grad buffers (f32)
  *   optimizer     AdamW m and v of the same shapes
- *   kvCache       generation: per layer K and V [G, Smax, HK, D] f32 for the G answers
+ *   kvCache       generation: per layer K and V [G, Smax, HK, D] for the G answers
  *                 (Smax = maxNewTokens - 1: the last sampled token never enters the
- *                 cache) plus the prompt stored once as a shared prefix [P, HK, D]
+ *                 cache) plus the prompt stored once as a shared prefix [P, HK, D]; f16
+ *                 where the device has shader-f16 (generate()'s defaultKvDtype), else f32
  *   generationScratch  the larger of the prompt's prefill (one layer at a time, its MLP
  *                 tensors) and a decode step (the [G, V] logits)
  *   activations   training with per-layer checkpointing over N = trainTokensPerStep rows:
@@ -59,6 +60,8 @@ export interface RunShape {
   checkpointing: true;
   /** 4-bit zero points (default true, as the loader). */
   q4Zeros?: boolean;
+  /** KV cache element type; default f16 when the limits say the device has shader-f16, else f32 (as generate()). */
+  kvCache?: 'f32' | 'f16';
 }
 
 export interface DeviceLimits {
@@ -66,6 +69,8 @@ export interface DeviceLimits {
   maxStorageBufferBindingSize: number;
   /** What the run may use in total (e.g. 4 GB); unchecked when absent. */
   totalBudgetBytes?: number;
+  /** The device has shader-f16 (GpuCapabilities.f16): generation then keeps an f16 KV cache. */
+  f16?: boolean;
 }
 
 export interface MemoryProblem {
@@ -92,6 +97,8 @@ export interface MemoryPlan {
   untrimmedTotal: number;
   /** the phase that sets the peak */
   peakPhase: 'generation' | 'training';
+  /** element type of the planned KV cache */
+  kvCacheDtype: 'f32' | 'f16';
   /** peak while loading: the weights plus the staging buffer of the largest tensor */
   loadPeak: number;
   trainTokensPerStep: number;
@@ -181,13 +188,14 @@ function loraBuffers(config: LlamaConfig, run: RunShape): { params: Buffers[]; o
 }
 
 /** KV cache, and the two peaks of generation's scratch: the prompt's prefill and a decode step. */
-function generationBuffers(config: LlamaConfig, run: RunShape): { kv: Buffers[]; prefill: Buffers[]; decode: Buffers[] } {
+function generationBuffers(config: LlamaConfig, run: RunShape, kvDtype: 'f32' | 'f16'): { kv: Buffers[]; prefill: Buffers[]; decode: Buffers[] } {
   const { numLayers: L, numKvHeads: HK, headDim: D, hiddenSize: C, intermediateSize: F, vocabSize: V } = config;
   const G = run.groupSize;
   const P = run.maxPromptTokens;
   const Smax = Math.max(1, run.maxNewTokens - 1);
-  const kv: Buffers[] = [{ what: `KV cache per layer [${G}, ${Smax}, ${HK}, ${D}] (K and V)`, bytes: G * Smax * HK * D * F32, count: 2 * L }];
-  if (P > 0) kv.push({ what: `shared prompt KV per layer [${P}, ${HK}, ${D}] (K and V)`, bytes: P * HK * D * F32, count: 2 * L });
+  const E = kvDtype === 'f16' ? 2 : F32;
+  const kv: Buffers[] = [{ what: `KV cache per layer [${G}, ${Smax}, ${HK}, ${D}] ${kvDtype} (K and V)`, bytes: G * Smax * HK * D * E, count: 2 * L }];
+  if (P > 0) kv.push({ what: `shared prompt KV per layer [${P}, ${HK}, ${D}] ${kvDtype} (K and V)`, bytes: P * HK * D * E, count: 2 * L });
   // Prefill runs the prompt one layer at a time; its peak is inside the MLP.
   const prefill: Buffers[] = [
     { what: `prefill hidden state [${P}, ${C}]`, bytes: P * C * F32, count: 1 },
@@ -263,7 +271,9 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
 
   const w = weightBuffers(config, run.format, zeros, bufferLimit);
   const { params, optimizer } = loraBuffers(config, run);
-  const { kv, prefill, decode } = generationBuffers(config, run);
+  const kvDtype = run.kvCache ?? (limits.f16 ? 'f16' : 'f32');
+  if (kvDtype !== 'f32' && kvDtype !== 'f16') throw new Error(`planMemory: kvCache must be 'f32' or 'f16', got ${String(kvDtype)}`);
+  const { kv, prefill, decode } = generationBuffers(config, run, kvDtype);
   const scratch = [...prefill, ...decode];
   const train = trainingBuffers(config, run, N);
   const trainAll = [...train.step, ...train.layer, ...train.head];
@@ -342,6 +352,7 @@ export function planMemory(config: LlamaConfig, run: RunShape, limits: DeviceLim
     total,
     untrimmedTotal: persistent + generation + training,
     peakPhase: generation >= training ? 'generation' : 'training',
+    kvCacheDtype: kvDtype,
     loadPeak,
     trainTokensPerStep: N,
     largestBuffer: { bytes: allocatedBytes(big.bytes), what: big.what },
@@ -355,7 +366,7 @@ export function formatMemoryPlan(plan: MemoryPlan): string[] {
     ['weights', plan.weights],
     ['LoRA A/B + grads', plan.lora],
     ['AdamW m, v', plan.optimizer],
-    ['KV cache (generation)', plan.kvCache],
+    [`KV cache (generation, ${plan.kvCacheDtype})`, plan.kvCache],
     ['generation scratch', plan.generationScratch],
     [`activations (training, N=${plan.trainTokensPerStep})`, plan.activations],
     ['LM head chunk scratch', plan.lmHeadScratch],

@@ -30,13 +30,14 @@ import { dequantizeQ4Ref, quantizeQ4Ref } from '../../src/kernels/q4.ref';
 import { rmsnormRef } from '../../src/kernels/rmsnorm.ref';
 import { ropeInvFreq } from '../../src/kernels/rope';
 import { ropeRef } from '../../src/kernels/rope.ref';
+import { KvCache, decodeStep, prefill, prefillShared } from '../../src/model/infer';
 import { sequenceLogprobs, type TokenBatch } from '../../src/model/llama';
 import { loadLlama } from '../../src/model/load';
 import { LoraAdapter, type PeftInput } from '../../src/model/lora';
 import { openModelDir } from '../../src/model/node-source';
 import type { LlamaWeights, WeightFormat } from '../../src/model/weights';
 import { useGpu } from '../helpers/gpu';
-import { Rng, expectClose } from '../helpers/numeric';
+import { Rng, expectClose, logSoftmaxAt } from '../helpers/numeric';
 
 const ROOT = join(__dirname, '..', '..');
 const MODEL_DIR = join(ROOT, 'models', 'tiny-llama');
@@ -91,6 +92,13 @@ const BOUNDS = {
   f32: { logp: 1e-3, entropy: 1e-3, grad: 1e-3, gradNorm: 1e-3, cosine: 0.999999 },
   q4: { logp: 3, entropy: 0.75, grad: 1.1, gradNorm: 0.7, cosine: 0.75 },
   q4Exact: { logp: 1e-4, entropy: 1e-4, directional: 2e-4 },
+  /**
+   * Decoding through the KV cache (f32 weights): with an f32 cache the f32 bound; with
+   * an f16 cache (shader-f16) every cached key and value is rounded to f16 (relative
+   * 2^-11), which moves this model's log-probs (-12 to -21 nats in the tail) by up to
+   * 1.9e-3 (measured on lavapipe; the f32 cache: 6.4e-6); bound 5e-3.
+   */
+  decode: { f32: 1e-3, f16: 5e-3 },
 } as const;
 
 /** Batches covering every fixture sequence with little tile padding: 43 -> 64, 23 -> 32, 2 x 7 -> 16 rows. */
@@ -314,6 +322,50 @@ describe('tiny Llama vs the PyTorch float64 oracle', () => {
         );
       });
     }
+  }
+
+  for (const kv of ['f32', 'f16'] as const) {
+    it(`${kv} KV cache: shared prefix, own prompt, then one decode step per token reproduce the oracle's log-probs (f32 weights, base and LoRA)`, { timeout: SLOW }, async (ctx) => {
+      const g = gpu();
+      console.log(`adapter: ${g.caps.adapterName}`);
+      if (kv === 'f16' && !g.caps.f16) {
+        console.log(`skipped: adapter ${g.caps.adapterName} lacks shader-f16 (the f16 KV cache needs it)`);
+        ctx.skip();
+      }
+      const w = weights.f32!;
+      const s = seqByName('long');
+      const L = s.ids.length;
+      const [P, own] = [8, 4];
+      let worst = 0;
+      for (const variant of ['base', 'lora'] as const) {
+        const lora = variant === 'lora' ? fixtureAdapter(g, w) : null;
+        const cache = new KvCache(g, w.config, 1, L - P, { dtype: kv });
+        try {
+          prefillShared(g, w, lora, s.ids.slice(0, P), cache, { logits: false });
+          expect(cache.prefix!.k[0]!.dtype).toBe(kv);
+          const got: number[] = [];
+          const want: number[] = [];
+          const take = async (logits: ReturnType<typeof prefill>, t: number) => {
+            got.push(logSoftmaxAt(await g.readF32(logits), s.ids[t + 1]!));
+            want.push(s[variant].next_logprobs[t]!);
+            logits.release();
+          };
+          await take(prefill(g, w, lora, [s.ids.slice(P, P + own)], cache), P + own - 1);
+          for (let t = P + own; t < L - 1; t++) {
+            const id = g.upload(Uint32Array.of(s.ids[t]!), [1], 'u32');
+            await take(decodeStep(g, w, lora, id, cache), t);
+            id.release();
+          }
+          expect(cache.lengths[0]).toBe(L - 1 - P);
+          expectClose(got, want, { atol: BOUNDS.decode[kv], rtol: 0, label: `${kv} cache ${variant} decode logp` });
+          worst = Math.max(worst, maxAbsDiff(got, want));
+        } finally {
+          cache.release();
+          lora?.release();
+        }
+      }
+      console.log(`[oracle] ${kv} KV cache decode vs PyTorch: max |err| logp ${worst.toExponential(2)} (bound ${BOUNDS.decode[kv]})`);
+    });
   }
 
   it(`f32: temperature ${fx.temperature.temperature} log-probs, entropy and logsumexp (base and LoRA)`, { timeout: SLOW }, async () => {

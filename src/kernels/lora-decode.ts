@@ -1,0 +1,107 @@
+/**
+ * LoRA products for short batches (decode steps, N <= LORA_BATCHED_MAX_N rows), where
+ * the general matmul splits K and spends three dispatches per projection.
+ *
+ *   loraDown:  u_p[n, r] = scale_p * sum_k x[n, k] A_p[r, k]     for up to 3 projections p
+ *              sharing the input x [N, K] (q, k, v; gate, up), in ONE dispatch.
+ *              A_p [R, K], u_p [N, R].
+ *   then the B product is smallk's rowsForward with accumulate:
+ *              y_p[n, j] += sum_r u_p[n, r] B_p[j, r]                B_p [M, R]
+ *
+ * One workgroup per (projection row p*R + r, group of NB input rows): its threads
+ * stride over K (each A value read once for NB rows), then a workgroup tree reduction
+ * per row. The scale is applied here, so the B product needs no epilogue.
+ */
+import type { Gpu } from '../gpu/gpu';
+import { uniforms } from '../gpu/params';
+import type { Tensor } from '../gpu/tensor';
+import { rowsForward } from './smallk';
+import { ceilDiv, kernelCache } from './wgsl';
+
+/** Rows up to which decode uses these kernels (above it, the tiled matmul reuses more). */
+export const LORA_BATCHED_MAX_N = 32;
+const WG = 64;
+/** Input rows per workgroup. */
+const NB = 8;
+
+const DOWN_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0: 'f32', scale1: 'f32', scale2: 'f32' });
+
+const downKernel = kernelCache((nA: number) => {
+  const ps = Array.from({ length: nA }, (_, p) => p);
+  const bind = ps
+    .map(
+      (p) => `@group(0) @binding(${2 + 2 * p}) var<storage, read_write> u${p}: array<f32>;  // [N, R]
+@group(0) @binding(${3 + 2 * p}) var<storage, read> a${p}: array<f32>;        // [R, K]`,
+    )
+    .join('\n');
+  const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
+  return {
+    label: `lora_down_x${nA}`,
+    code: /* wgsl */ `
+${DOWN_UNIFORMS.wgsl}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;         // [N, K]
+${bind}
+var<workgroup> red: array<f32, ${NB * WG}>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let proj = wid.x / p.R;
+  let r = wid.x % p.R;
+  let n0 = wid.y * ${NB}u;
+  let nEnd = min(n0 + ${NB}u, p.N);
+  var acc: array<f32, ${NB}>;
+  for (var k = lid; k < p.K; k += ${WG}u) {
+    var a = 0.0;
+    ${pick((q) => `a = a${q}[r * p.K + k];`)}
+    for (var n = n0; n < nEnd; n++) { acc[n - n0] += x[n * p.K + k] * a; }
+  }
+  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
+    }
+    workgroupBarrier();
+  }
+  if (lid < nEnd - n0) {
+    let n = n0 + lid;
+    let v = red[lid * ${WG}u];
+    ${pick((q) => `u${q}[n * p.R + r] = p.scale${q} * v;`)}
+  }
+}`,
+  };
+});
+
+/** One adapted projection of a group sharing an input: A [R, K], B [M, R], y [N, M] (+=). */
+export interface LoraTerm {
+  A: Tensor;
+  B: Tensor;
+  scale: number;
+  y: Tensor;
+  M: number;
+}
+
+/**
+ * y_p += scale_p * (x A_p^T) B_p^T for 1..3 projections sharing x [N, K], all with rank R:
+ * one dispatch for the A products, one per projection for the B products.
+ */
+export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly LoraTerm[]): void {
+  if (terms.length === 0 || N === 0) return;
+  if (terms.length > 3) throw new Error(`loraDecode: at most 3 projections share one dispatch, got ${terms.length}`);
+  if (N > LORA_BATCHED_MAX_N) throw new Error(`loraDecode: serves N <= ${LORA_BATCHED_MAX_N} rows, got ${N}`);
+  const R = terms[0]!.A.shape[0]!;
+  for (const t of terms) {
+    if (t.A.shape[0] !== R || t.A.size !== R * K) throw new Error(`loraDecode: A ${t.A} is not [${R}, ${K}] (projections sharing a dispatch need one rank)`);
+    if (t.B.size !== t.M * R) throw new Error(`loraDecode: B ${t.B} is not [${t.M}, ${R}]`);
+    if (t.y.size < N * t.M) throw new Error(`loraDecode: y ${t.y} is smaller than [${N}, ${t.M}]`);
+  }
+  if (x.size < N * K) throw new Error(`loraDecode: x ${x} is smaller than [${N}, ${K}]`);
+  const us = terms.map(() => gpu.empty([N, R], 'f32', 'lora-u'));
+  const scales = [0, 1, 2].map((p) => terms[p]?.scale ?? 0);
+  const params = DOWN_UNIFORMS.params({ N, K, R, scale0: scales[0]!, scale1: scales[1]!, scale2: scales[2]! });
+  gpu.dispatch(downKernel(terms.length), [x, ...terms.flatMap((t, p) => [us[p]!, t.A])], [terms.length * R, ceilDiv(N, NB)], params);
+  terms.forEach((t, p) => rowsForward(gpu, t.y, us[p]!, t.B, N, R, 0, t.M, true));
+  // Released last-first, so the pool hands the same buffers back in the same order next
+  // step and the cached bind groups still match.
+  for (const u of us.reverse()) u.release();
+}
