@@ -1,7 +1,8 @@
 /**
  * A cache of loaded models in origin storage, so the second load of a model reads
  * nothing from the network: the GPU-quantized tensors (packed 4-bit bytes, or f32) as
- * one file each, the model's small text files (config, generation and tokenizer
+ * one file each, or (format "onnx") a pre-quantized ONNX export's files as they were
+ * downloaded, the model's small text files (config, generation and tokenizer
  * files), and a JSON manifest written last. An entry without its manifest does not
  * exist: a put that fails part-way removes what it wrote.
  *
@@ -28,8 +29,10 @@ export interface CacheManifest {
   /** ModelSource.name and .revision the entry was made from */
   source: string;
   revision: string | null;
-  /** weight format, e.g. "q4" */
+  /** weight format, e.g. "q4"; "onnx": the export's own files, byte for byte */
   format: string;
+  /** format "onnx": the decoder file among `files` (e.g. "onnx/model_q4f16.onnx") */
+  onnxFile?: string;
   createdAt: string;
   /** the parsed config.json, for listings */
   config: unknown;
@@ -128,19 +131,25 @@ async function* toAsync(parts: AsyncIterable<Uint8Array> | Iterable<Uint8Array>)
 /** A cached entry's text files (config, tokenizer) as a ModelSource, so nothing else is read. */
 export function cachedModelSource(entry: CachedEntry): ModelSource {
   const { manifest } = entry;
-  const names = new Set(manifest.files.map((f) => f.name));
-  const readText = async (file: string): Promise<string> => {
-    if (!names.has(file)) {
-      throw new FormatError(file, null, `is not in the cached copy of ${manifest.source}`, 'Delete the cached model and load it again from its source.');
-    }
+  const sizes = new Map(manifest.files.map((f) => [f.name, f.size]));
+  const hint = 'Delete the cached model and load it again from its source.';
+  /** A listed file of the listed size: anything else is a damaged entry. */
+  const open = async (file: string): Promise<ByteSource> => {
+    const want = sizes.get(file);
+    if (want === undefined) throw new FormatError(file, null, `is not in the cached copy of ${manifest.source}`, hint);
     const src = await entry.open(file);
+    if (src.size !== want) throw new FormatError(`cached ${manifest.source}`, file, `holds ${src.size} bytes, expected ${want}`, hint);
+    return src;
+  };
+  const readText = async (file: string): Promise<string> => {
+    const src = await open(file);
     return new TextDecoder().decode(await src.read(0, src.size));
   };
   return {
     name: manifest.source,
     revision: manifest.revision,
-    has: (file) => Promise.resolve(names.has(file)),
-    open: (file) => entry.open(file),
+    has: (file) => Promise.resolve(sizes.has(file)),
+    open,
     readText,
     readJson: async (file) => {
       const text = await readText(file);
@@ -308,7 +317,13 @@ export class OpfsModelCache implements ModelCache {
     return {
       manifest,
       open: async (file: string) => {
-        const blob = await (await dir.getFileHandle(file)).getFile();
+        let blob: Blob;
+        try {
+          blob = await (await dir.getFileHandle(file)).getFile();
+        } catch (e) {
+          if (isNotFound(e)) throw new ModelCacheError(`cache entry ${key} has lost its file ${file}; delete the cached model and load it again.`);
+          throw e;
+        }
         return new BlobSource(blob, file);
       },
     };

@@ -14,7 +14,10 @@
  *   f32: rows are widened to f32 on the CPU and written in place (tests, the oracle).
  *
  * With a ModelCache, a cached entry is loaded without touching the source; otherwise
- * the loaded weights are read back and stored for next time.
+ * the loaded weights are read back and stored for next time. An ONNX export is cached
+ * as its files (downloaded once, byte for byte, straight into the cache) and loaded
+ * from there. An AbortSignal cancels a load between reads; whatever it had stored of
+ * the model is removed and the cache's other entries are untouched.
  */
 import { FormatError, isPlainObject, show } from '../formats/errors';
 import { checkLlamaTensors, llamaTensorShapes, parseLlamaConfig, type LlamaConfig } from '../formats/llama-config';
@@ -47,7 +50,16 @@ import {
   type CachedTensor,
   type ModelCache,
 } from './cache';
-import { closeFile, type ModelFile, type ModelSource } from './source';
+import {
+  cancellableFile,
+  cancellableSource,
+  closeFile,
+  isLoadCancelled,
+  loadCancelledError,
+  throwIfCancelled,
+  type ModelFile,
+  type ModelSource,
+} from './source';
 import type { EmbeddingTable, LayerWeights, LlamaWeights, WeightFormat } from './weights';
 
 export interface LoadProgress {
@@ -74,6 +86,10 @@ export interface LoadOptions {
   cache?: ModelCache | null;
   /** Load this ONNX decoder (e.g. "onnx/model_q4.onnx") with the ONNX importer (onnx-load.ts). Without it, ONNX is used when the source holds onnx/model*.onnx and no safetensors. */
   onnxFile?: string;
+  /** ONNX, format q4: the largest dense embedding (bytes as f32) kept unquantized; default 256 MiB (onnx-load.ts). */
+  denseEmbeddingMaxBytes?: number;
+  /** Cancels the load: it ends with an AbortError (isLoadCancelled) and stores nothing partial. */
+  signal?: AbortSignal;
 }
 
 /** Sampling defaults from generation_config.json, falling back to config.json's token ids. */
@@ -113,31 +129,52 @@ const HINT_MISMATCH = 'Check that config.json and the weights come from the same
 // ---------------------------------------------------------------------------------
 // Entry point
 
+/** Cache keys a source may be stored under, in the order loadLlama tries them: quantized tensors, then an ONNX export's files. */
+export function modelCacheKeys(source: Pick<ModelSource, 'name' | 'revision'>, options: Pick<LoadOptions, 'format' | 'q4Zeros' | 'onnxFile'>): string[] {
+  const cacheFormat = options.format === 'q4' && !(options.q4Zeros ?? true) ? 'q4-symmetric' : options.format;
+  const onnx = modelCacheKey(source.name, source.revision, options.onnxFile !== undefined ? `onnx-${options.onnxFile}` : 'onnx');
+  return options.onnxFile !== undefined ? [onnx] : [modelCacheKey(source.name, source.revision, cacheFormat), onnx];
+}
+
+/** The complete cache entry loadLlama would load the source from, or null (reads nothing from the source). */
+export async function findCachedModel(cache: ModelCache, source: Pick<ModelSource, 'name' | 'revision'>, options: Pick<LoadOptions, 'format' | 'q4Zeros' | 'onnxFile'>): Promise<CachedEntry | null> {
+  for (const key of modelCacheKeys(source, options)) {
+    const entry = await cache.get(key);
+    if (entry) return entry;
+  }
+  return null;
+}
+
 export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOptions): Promise<LoadedModel> {
   const format = options.format;
   if (format !== 'q4' && format !== 'f32') throw new Error(`loadLlama: unknown format ${show(format)} (use "q4" or "f32")`);
+  const signal = options.signal ?? null;
+  throwIfCancelled(signal);
+  if (signal) source = cancellableSource(source, signal);
   const zeros = options.q4Zeros ?? true;
   const cacheFormat = format === 'q4' && !zeros ? 'q4-symmetric' : format;
-  const key = modelCacheKey(source.name, source.revision, cacheFormat);
+  const keys = modelCacheKeys(source, options);
+  const key = keys[0]!;
+  const onnxKey = keys[keys.length - 1]!;
   let cacheError: Error | null = null;
   if (options.cache) {
-    const entry = await options.cache.get(key);
-    if (entry) {
+    for (const k of keys) {
+      const found = await options.cache.get(k);
+      if (!found) continue;
+      const entry = signal ? cancellableEntry(found, signal) : found;
       try {
-        return await loadFromCache(gpu, entry, options);
+        return found.manifest.format === 'onnx' ? await loadOnnxFromCache(gpu, entry, options, true) : await loadFromCache(gpu, entry, options);
       } catch (e) {
         // A damaged entry is dropped and the model loads from its source instead.
         if (!(e instanceof FormatError || e instanceof ModelCacheError)) throw e;
         cacheError = e;
-        await options.cache.delete(key);
+        await options.cache.delete(k);
       }
     }
   }
   if (await usesOnnx(source, options)) {
-    // ONNX decoders load through the importer and are not cached.
-    const { loadLlamaOnnx } = await import('./onnx-load');
-    const model = await loadLlamaOnnx(gpu, source, options);
-    model.cacheError = cacheError;
+    const model = await loadOnnx(gpu, source, onnxKey, options);
+    model.cacheError ??= cacheError;
     return model;
   }
   const { model, byName } = await loadFromSource(gpu, source, options);
@@ -146,10 +183,145 @@ export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOpti
     try {
       await storeInCache(gpu, options.cache, key, cacheFormat, source, byName, options);
     } catch (e) {
+      // The put removed what it wrote; a cancelled load also gives back the weights.
+      if (isLoadCancelled(e) || signal?.aborted) {
+        model.weights.release();
+        throw loadCancelledError();
+      }
       model.cacheError = e as Error;
     }
   }
   return model;
+}
+
+/** An entry whose file reads stop once `signal` is aborted. */
+function cancellableEntry(entry: CachedEntry, signal: AbortSignal): CachedEntry {
+  return { manifest: entry.manifest, open: async (file) => cancellableFile(await entry.open(file), signal) };
+}
+
+// ---------------------------------------------------------------------------------
+// ONNX exports: cached as their own files
+
+/**
+ * An ONNX decoder: with a cache, its files are copied into it as they are (the
+ * decoder, its external data, the text files) and the model loads from the entry, so
+ * the source is read once; without one (or when storing fails, e.g. storage full),
+ * from the source.
+ */
+async function loadOnnx(gpu: Gpu, source: ModelSource, key: string, options: LoadOptions): Promise<LoadedModel> {
+  const { loadLlamaOnnx, findOnnxModel } = await import('./onnx-load');
+  const cache = options.cache;
+  const fileName = options.onnxFile ?? (await findOnnxModel(source));
+  if (!cache || !fileName) return loadLlamaOnnx(gpu, source, options);
+  let storeError: Error | null = null;
+  try {
+    await storeOnnxFiles(cache, key, source, fileName, options);
+  } catch (e) {
+    if (isLoadCancelled(e) || options.signal?.aborted) throw loadCancelledError();
+    // A source that cannot be read is the load's error; a store that failed is a note.
+    if (e instanceof FormatError) throw e;
+    storeError = e as Error;
+  }
+  if (storeError) {
+    const model = await loadLlamaOnnx(gpu, source, options);
+    model.cacheError = storeError;
+    return model;
+  }
+  const stored = await cache.get(key);
+  if (!stored) throw new ModelCacheError(`cache entry ${key} vanished right after it was stored`);
+  try {
+    const model = await loadOnnxFromCache(gpu, options.signal ? cancellableEntry(stored, options.signal) : stored, options, false);
+    return { ...model, sourceName: source.name };
+  } catch (e) {
+    // An export the importer refuses is not kept (it would only fail again).
+    if (e instanceof FormatError) await cache.delete(key);
+    throw e;
+  }
+}
+
+/** Copies the export's files from the source into the cache entry `key`, in reads of at most maxChunkBytes. */
+async function storeOnnxFiles(cache: ModelCache, key: string, source: ModelSource, fileName: string, options: LoadOptions): Promise<void> {
+  const { onnxExternalFiles } = await import('./onnx-load');
+  // The config first: a wrong or inaccessible model fails before the download.
+  await readModelConfigs(source);
+  const maxChunk = options.maxChunkBytes ?? DEFAULT_MAX_CHUNK_BYTES;
+  const texts: [string, Uint8Array][] = [];
+  for (const f of MODEL_TEXT_FILES) {
+    if (await source.has(f)) texts.push([f, new TextEncoder().encode(await source.readText(f))]);
+  }
+  const main = await source.open(fileName);
+  let decoder: Uint8Array;
+  try {
+    decoder = await main.read(0, main.size);
+  } finally {
+    await closeFile(main);
+  }
+  const external = onnxExternalFiles(decoder, fileName);
+  const opened: ModelFile[] = [];
+  try {
+    for (const name of external) opened.push(await source.open(name));
+    const config = JSON.parse(new TextDecoder().decode(texts.find(([n]) => n === 'config.json')![1])) as unknown;
+    const files = [
+      ...texts.map(([name, b]) => ({ name, size: b.length })),
+      { name: fileName, size: decoder.length },
+      ...opened.map((f, i) => ({ name: external[i]!, size: f.size })),
+    ];
+    const manifest: CacheManifest = {
+      version: CACHE_FORMAT_VERSION,
+      key,
+      source: source.name,
+      revision: source.revision,
+      format: 'onnx',
+      onnxFile: fileName,
+      createdAt: new Date().toISOString(),
+      config,
+      tensors: [],
+      files,
+      bytes: files.reduce((a, f) => a + f.size, 0),
+    };
+    let done = 0;
+    const progress = (file: string, n: number): void => {
+      done += n;
+      options.onProgress?.({ phase: 'weights', file, tensor: null, bytesDone: done, bytesTotal: manifest.bytes });
+    };
+    async function* chunks(f: ModelFile, name: string): AsyncGenerator<Uint8Array> {
+      for (let at = 0; at < f.size; at += maxChunk) {
+        const bytes = await f.read(at, Math.min(maxChunk, f.size - at));
+        progress(name, bytes.length);
+        yield bytes;
+      }
+    }
+    async function* all(): AsyncGenerator<CacheFile> {
+      for (const [name, bytes] of texts) {
+        progress(name, bytes.length);
+        yield { name, parts: [bytes] };
+      }
+      progress(fileName, decoder.length);
+      yield { name: fileName, parts: [decoder] };
+      for (const [i, f] of opened.entries()) yield { name: external[i]!, parts: chunks(f, external[i]!) };
+    }
+    await cache.put(key, manifest, all());
+  } finally {
+    await Promise.all(opened.map(closeFile));
+  }
+}
+
+/** Loads a cached ONNX export through the importer, reading only the entry. */
+async function loadOnnxFromCache(gpu: Gpu, entry: CachedEntry, options: LoadOptions, fromCache: boolean): Promise<LoadedModel> {
+  const { loadLlamaOnnx } = await import('./onnx-load');
+  const { manifest } = entry;
+  const onnxFile = manifest.onnxFile;
+  if (typeof onnxFile !== 'string') {
+    throw new FormatError(`cached ${manifest.source}`, null, 'is an ONNX entry that names no decoder file', 'Delete the cached model and load it again from its source.');
+  }
+  const files = cachedModelSource(entry);
+  const onProgress = options.onProgress;
+  const model = await loadLlamaOnnx(gpu, files, {
+    ...options,
+    onnxFile,
+    onProgress: onProgress && ((p) => onProgress({ ...p, phase: fromCache ? 'cache-read' : p.phase })),
+  });
+  return { ...model, sourceName: manifest.source, files, fromCache };
 }
 
 /** ONNX when asked for, or when the source holds an ONNX decoder and no safetensors weights. */
@@ -636,6 +808,7 @@ async function storeInCache(
   // Reads a GPU buffer back in pieces of at most about maxChunk bytes.
   async function* readBack(file: string, tensor: string, pieces: Iterable<[GPUBuffer, number, number]>): AsyncGenerator<Uint8Array> {
     for (const [buffer, offset, bytes] of pieces) {
+      throwIfCancelled(options.signal);
       const data = new Uint8Array(await gpu.readBytes(buffer, offset, bytes));
       progress(file, tensor, bytes);
       yield data;

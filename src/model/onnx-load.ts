@@ -12,9 +12,11 @@
  * embedding (GatherBlockQuantized, uint8 data [V, C/2]) is the same layout row by row.
  *
  * Unquantized initializers (f32 / f16 / bf16) load as loadLlama loads safetensors:
- * f32 with format 'f32', quantized on the GPU with format 'q4' (the embedding of a
- * 4-bit model stays f32 when it fits one storage binding, so the model computes what
- * onnxruntime computes). With format 'f32', 4-bit weights are dequantized on the CPU.
+ * f32 with format 'f32', quantized on the GPU with format 'q4' (the dense embedding of a
+ * 4-bit model, e.g. q4f16's f16 table, stays f32 when it is small, at most
+ * DENSE_EMBEDDING_MAX_BYTES as f32, so the model computes what onnxruntime computes; a
+ * larger one, such as Llama-3.2-3B's 1.6 GB, is quantized like a safetensors embedding,
+ * as the memory plan assumes). With format 'f32', 4-bit weights are dequantized on the CPU.
  *
  * Recognised names (optimum / onnx-community and onnxruntime-genai exports):
  *   .../layers.{i}/.../{q,k,v,o,gate,up,down}_proj/...     MatMulNBits or MatMul
@@ -23,7 +25,8 @@
  *   Gather / GatherBlockQuantized of input_ids             the embedding
  *   model.layers.{i}.{input,post_attention}_layernorm.weight, model.norm.weight
  *   (or model.layers.{L}.final_norm_layernorm.weight)     the RMSNorm weights
- * Models are not put in the model cache.
+ * With a model cache, loadLlama stores the export's files as downloaded (the decoder,
+ * its external data and the text files) and loads them from there (load.ts).
  */
 import { FormatError, show } from '../formats/errors';
 import type { LlamaConfig } from '../formats/llama-config';
@@ -40,15 +43,22 @@ import { readModelConfigs, type LoadOptions, type LoadedModel } from './load';
 import { closeFile, type ModelFile, type ModelSource } from './source';
 import type { EmbeddingTable, LayerWeights, LlamaWeights } from './weights';
 
-/** Where a folder's ONNX decoder is looked for, in order (4-bit first: the engine keeps those bytes). */
+/**
+ * Where a folder's ONNX decoder is looked for, in order: 4-bit first (the engine keeps
+ * those bytes), q4f16 before q4 (the smaller download: f16 scales and embedding, which
+ * the engine would round q4's f32 scales to anyway).
+ */
 export const ONNX_MODEL_FILES = [
-  'onnx/model_q4.onnx',
   'onnx/model_q4f16.onnx',
+  'onnx/model_q4.onnx',
   'onnx/model_int4.onnx',
   'onnx/model.onnx',
   'onnx/model_fp16.onnx',
   'model.onnx',
 ];
+
+/** Largest dense embedding (as f32) a 4-bit ONNX model keeps unquantized. */
+export const DENSE_EMBEDDING_MAX_BYTES = 256 << 20;
 
 const HINT_EXPORT =
   'The lab imports Llama decoders exported by optimum / transformers.js or onnxruntime-genai (4-bit MatMulNBits or f32/f16 MatMul weights); load the safetensors checkpoint instead if this export differs.';
@@ -70,6 +80,23 @@ function q4LinearOf(w: Q4Weight): FrozenLinear {
 export async function findOnnxModel(source: ModelSource): Promise<string | null> {
   for (const f of ONNX_MODEL_FILES) if (await source.has(f)) return f;
   return null;
+}
+
+/**
+ * The external data files an ONNX decoder's initializers point at, as paths in the
+ * model folder (relative to the decoder file's folder, as onnxruntime resolves them).
+ */
+export function onnxExternalFiles(bytes: Uint8Array, fileName: string): string[] {
+  const model = decodeOnnxModel(bytes);
+  const dir = fileName.includes('/') ? fileName.slice(0, fileName.lastIndexOf('/') + 1) : '';
+  const out = new Set<string>();
+  for (const t of model.graph.initializers) {
+    if (t.dataLocation !== 1) continue;
+    const location = (t.externalData ?? []).find((e) => e.key === 'location')?.value;
+    if (!location) throw new FormatError(fileName, `initializer ${JSON.stringify(t.name)}`, 'is stored externally but names no location', HINT_EXPORT);
+    out.add(dir + location);
+  }
+  return [...out];
 }
 
 /** A linear weight [M, K] as found in the file: packed 4-bit, or dense f32 values. */
@@ -417,8 +444,8 @@ export async function loadLlamaOnnx(gpu: Gpu, source: ModelSource, options: Load
     const { vocabSize: V, hiddenSize: C } = config;
     let embed: EmbeddingTable;
     let tiedQ4: Q4Weight | null = null;
-    if (options.format === 'q4' && (g.embed.kind === 'q4' || V * C * 4 > maxBinding)) {
-      // 4-bit as stored; or a dense table too large for one f32 binding, quantized like a safetensors embedding.
+    if (options.format === 'q4' && (g.embed.kind === 'q4' || V * C * 4 > Math.min(maxBinding, options.denseEmbeddingMaxBytes ?? DENSE_EMBEDDING_MAX_BYTES))) {
+      // 4-bit as stored; or a large dense table, quantized like a safetensors embedding.
       tiedQ4 = toQ4(g.embed, 'model.embed_tokens');
       embed = { format: 'q4', table: tiedQ4 };
     } else {

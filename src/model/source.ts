@@ -10,8 +10,10 @@
 import { FormatError, parseJsonInput } from '../formats/errors';
 import { BlobSource, HttpRangeSource, type ByteSource } from '../formats/safetensors';
 
-/** The lab's default model: an ungated copy of Llama-3.2-3B-Instruct. */
-export const DEFAULT_MODEL_ID = 'unsloth/Llama-3.2-3B-Instruct';
+/** The lab's default model: Llama-3.2-3B-Instruct pre-quantized to 4 bits (onnx/model_q4f16.onnx), loaded byte for byte. */
+export const DEFAULT_MODEL_ID = 'onnx-community/Llama-3.2-3B-Instruct-ONNX';
+/** The bf16 safetensors checkpoint of the same model (an ungated copy), quantized in the tab. */
+export const BF16_MODEL_ID = 'unsloth/Llama-3.2-3B-Instruct';
 /** The 1B sibling, for smaller GPUs. */
 export const SMALL_MODEL_ID = 'unsloth/Llama-3.2-1B-Instruct';
 
@@ -265,6 +267,63 @@ export class DroppedFilesSource implements ModelSource {
   async readJson(file: string): Promise<unknown> {
     return parseJsonInput(await this.readText(file), file);
   }
+}
+
+// ---------------------------------------------------------------------------------
+// Cancelling a load
+
+/** The error a cancelled load ends with (name "AbortError", as fetch's). */
+export function loadCancelledError(): DOMException {
+  return new DOMException('Loading the model was cancelled; nothing partial was kept.', 'AbortError');
+}
+
+export function isLoadCancelled(e: unknown): boolean {
+  return (e as { name?: string } | null)?.name === 'AbortError';
+}
+
+export function throwIfCancelled(signal: AbortSignal | null | undefined): void {
+  if (signal?.aborted) throw loadCancelledError();
+}
+
+/** A file whose reads stop once `signal` is aborted (the read in flight finishes, its bytes are dropped). */
+export function cancellableFile<F extends ByteSource & { close?(): Promise<void> }>(file: F, signal: AbortSignal): ModelFile {
+  return {
+    name: file.name,
+    size: file.size,
+    read: async (offset, length) => {
+      throwIfCancelled(signal);
+      const bytes = await file.read(offset, length);
+      throwIfCancelled(signal);
+      return bytes;
+    },
+    close: () => file.close?.() ?? Promise.resolve(),
+  };
+}
+
+/** A source whose every call (and every read of a file it opened) stops once `signal` is aborted. */
+export function cancellableSource(inner: ModelSource, signal: AbortSignal): ModelSource {
+  const guard = async <T>(run: () => Promise<T>): Promise<T> => {
+    throwIfCancelled(signal);
+    const out = await run();
+    throwIfCancelled(signal);
+    return out;
+  };
+  return {
+    name: inner.name,
+    revision: inner.revision,
+    has: (f) => guard(() => inner.has(f)),
+    readJson: (f) => guard(() => inner.readJson(f)),
+    readText: (f) => guard(() => inner.readText(f)),
+    open: async (f) => {
+      throwIfCancelled(signal);
+      const file = await inner.open(f);
+      if (signal.aborted) {
+        await closeFile(file);
+        throw loadCancelledError();
+      }
+      return cancellableFile(file, signal);
+    },
+  };
 }
 
 /** A short stable hash (FNV-1a, 2 x 32 bits) of strings, for revisions and cache keys. */

@@ -3,6 +3,8 @@ import { useShallow } from 'zustand/react/shallow';
 import type { LabActions } from './actions';
 import { AdapterPanel } from './components/AdapterPanel';
 import { Charts } from './components/Charts';
+import { ChatPanel } from './components/ChatPanel';
+import { CustomRewardPanel } from './components/CustomRewardPanel';
 import { GameHistory, LiveGames } from './components/GameView';
 import { Messages } from './components/Messages';
 import { RewardModelPanel } from './components/RewardModelPanel';
@@ -51,9 +53,11 @@ export function App({ actions }: { actions: LabActions }) {
               <AdapterPanel />
               <SettingsPanel />
               <RewardModelPanel />
+              <CustomRewardPanel />
             </aside>
             <div className="main">
               <LiveGames />
+              <ChatPanel />
               <Charts />
               <GameHistory />
             </div>

@@ -3,6 +3,7 @@
  * store; failures become messages on the page (never thrown into React).
  */
 import { makeConfig, type TrainerConfig } from '../selfplay/config';
+import type { CustomRewardSpec, SandboxReply } from '../selfplay/custom-reward';
 import type { LabClient } from '../worker/client';
 import type { ErrorContext, ExportedFile, ModelChoice, WeightFormat } from '../worker/protocol';
 import { planSettingsFor } from '../worker/catalog';
@@ -72,6 +73,11 @@ export class LabActions {
     return !!info;
   }
 
+  /** Cancels the model download in flight: the load ends with a "cancelled" message and keeps nothing partial. */
+  async cancelLoad(): Promise<void> {
+    await this.guard('load', () => this.client.call('cancelLoad', {}));
+  }
+
   async unloadRewardModel(): Promise<void> {
     if (await this.guard('settings', () => this.client.call('unloadRewardModel', {}))) useLab.setState({ rewardModel: null });
   }
@@ -113,6 +119,24 @@ export class LabActions {
     await this.guard('run', () => this.client.call('resume', {}));
   }
 
+  /** Asks the loaded model (adapter on, off, or both side by side); the answer streams into the store's chat. */
+  async chat(message: string, adapter: 'on' | 'off' | 'both', maxTokens: number): Promise<void> {
+    useLab.setState({ chat: null, chatting: true });
+    const r = await this.guard('run', () => this.client.call('chat', { messages: [{ role: 'user', content: message }], adapter, maxTokens }));
+    useLab.setState({ chatting: false });
+    if (!r) return;
+    const side = (on: boolean) => {
+      const a = r.answers.find((x) => x.adapter === on);
+      return a ? { text: a.text, tokens: a.tokens, tokensPerSecond: a.tokensPerSecond, done: true } : null;
+    };
+    useLab.setState({ chat: { id: r.id, on: side(true), off: side(false) } });
+  }
+
+  /** Stop now: the iteration in flight is discarded within one decode step; the run keeps its last checkpoint. */
+  async stopNow(): Promise<void> {
+    await this.guard('run', () => this.client.call('stopNow', {}));
+  }
+
   async step(): Promise<void> {
     await this.guard('run', () => this.client.call('step', { config: useLab.getState().draft }));
   }
@@ -128,7 +152,7 @@ export class LabActions {
     useLab.setState({ loading: false });
     if (run) {
       live.reset();
-      useLab.setState({ runConfig: run.config, draft: run.config, iteration: run.iteration, history: run.history, games: run.games });
+      useLab.setState({ runConfig: run.config, draft: run.config, iteration: run.iteration, history: run.history, games: run.games, customReward: saved?.customReward ?? null });
     }
   }
 
@@ -138,7 +162,7 @@ export class LabActions {
     if (!r) return [];
     for (const u of this.exportUrls) URL.revokeObjectURL(u);
     const links = r.files.map((f) => {
-      const type = f.name.endsWith('.json') ? 'application/json' : 'application/octet-stream';
+      const type = f.name.endsWith('.json') ? 'application/json' : f.name.endsWith('.csv') ? 'text/csv' : f.name.endsWith('.jsonl') ? 'application/jsonl' : 'application/octet-stream';
       const url = URL.createObjectURL(new Blob([f.bytes], { type }));
       return { name: f.name, url, bytes: f.bytes.byteLength };
     });
@@ -164,6 +188,18 @@ export class LabActions {
     const result = await this.guard('evaluate', () => this.client.call('evaluate', { maxTokens }));
     useLab.setState({ evaluating: false });
     if (result) useLab.setState({ evaluation: result });
+  }
+
+  /** Compiles and uses the user's reward (null: turns it off); true when it took. */
+  async setCustomReward(spec: CustomRewardSpec | null): Promise<boolean> {
+    const r = await this.guard('settings', () => this.client.call('setCustomReward', { spec }));
+    if (r) useLab.setState({ customReward: spec, customRewardNotes: [] });
+    return !!r;
+  }
+
+  /** One call of a reward source on a sample (query, answer); the failure's words when it has no number. */
+  async tryCustomReward(spec: CustomRewardSpec, query: string, answer: string): Promise<SandboxReply | undefined> {
+    return this.guard('settings', () => this.client.call('tryCustomReward', { spec, query, answer }));
   }
 }
 

@@ -62,6 +62,21 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
     case 'evaluation':
       set({ evaluation: e.result });
       break;
+    case 'iteration-discarded':
+      buffer.reset();
+      set((s) => ({ phase: null, notices: [...s.notices, `Stopped: iteration ${e.iteration + 1} was discarded before its update; the run is as it was after the last finished iteration (and its checkpoint).`] }));
+      break;
+    case 'chat-token':
+      set((s) => {
+        const chat = s.chat && s.chat.id === e.id ? s.chat : { id: e.id, on: null, off: null };
+        const key = e.adapter ? 'on' : 'off';
+        const prev = chat[key];
+        return { chat: { ...chat, [key]: { text: (prev?.text ?? '') + e.delta, tokens: e.tokens, tokensPerSecond: e.tokensPerSecond, done: false } } };
+      });
+      break;
+    case 'custom-reward':
+      set((s) => ({ customRewardNotes: [...s.customRewardNotes.slice(-19), { iteration: e.iteration, message: e.message, fallbacks: e.fallbacks }] }));
+      break;
     default: {
       const never: never = e;
       void never;

@@ -25,8 +25,21 @@ export class LiveBuffer {
   version = 0;
   private listeners = new Set<() => void>();
   private scheduled = false;
+  /** Arrival times of the last few seconds' tokens (all rows), for the live rate. */
+  private stamps: number[] = [];
 
-  constructor(private readonly schedule: (cb: () => void) => void = defaultSchedule) {}
+  constructor(
+    private readonly schedule: (cb: () => void) => void = defaultSchedule,
+    private readonly clock: () => number = () => performance.now(),
+  ) {}
+
+  /** Tokens per second over the last RATE_WINDOW_MS, all generation rows together; 0 when generation has paused that long. */
+  tokensPerSecond(now = this.clock()): number {
+    const recent = this.stamps.filter((t) => now - t <= RATE_WINDOW_MS);
+    if (recent.length < 2) return 0;
+    const span = (recent[recent.length - 1]! - recent[0]!) / 1000;
+    return span > 0 ? (recent.length - 1) / span : 0;
+  }
 
   private ensure(iteration: number): LiveIteration {
     if (this.current.iteration !== iteration) this.current = { iteration, phase: null, queries: [], answers: [], judges: [] };
@@ -42,6 +55,9 @@ export class LiveBuffer {
 
   token(iteration: number, role: Role, query: number, answer: number, delta: string): void {
     const it = this.ensure(iteration);
+    const now = this.clock();
+    this.stamps.push(now);
+    while (this.stamps.length > 0 && now - this.stamps[0]! > RATE_WINDOW_MS) this.stamps.shift();
     if (role === 'challenger') it.queries[query] = (it.queries[query] ?? '') + delta;
     else {
       const grid = role === 'solver' ? it.answers : it.judges;
@@ -52,6 +68,7 @@ export class LiveBuffer {
   }
 
   reset(): void {
+    this.stamps = [];
     this.current = { iteration: -1, phase: null, queries: [], answers: [], judges: [] };
     this.changed();
   }
@@ -73,6 +90,8 @@ export class LiveBuffer {
     });
   }
 }
+
+const RATE_WINDOW_MS = 3000;
 
 function defaultSchedule(cb: () => void): void {
   if (typeof requestAnimationFrame === 'function') requestAnimationFrame(() => cb());

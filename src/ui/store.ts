@@ -5,6 +5,7 @@
  */
 import { create } from 'zustand';
 import { DEFAULT_CONFIG, type TrainerConfig } from '../selfplay/config';
+import type { CustomRewardSpec } from '../selfplay/custom-reward';
 import type { EvaluationResult, GameRecord, IterationMetrics, IterationPhase } from '../selfplay/types';
 import type { MemoryPlan } from '../model/memory';
 import type {
@@ -53,6 +54,20 @@ export interface RunSlice {
   lastCheckpoint: { iteration: number; bytes: number } | null;
   evaluation: EvaluationResult | null;
   evaluating: boolean;
+  /** The user's own reward in use (null: none). */
+  customReward: CustomRewardSpec | null;
+  /** Fallbacks of the user's reward, one line per iteration that had any (the last 20). */
+  customRewardNotes: { iteration: number; message: string; fallbacks: number }[];
+  /** The chat answer streaming or last streamed, per side (adapter on / off). */
+  chat: { id: number; on: ChatSide | null; off: ChatSide | null } | null;
+  chatting: boolean;
+}
+
+export interface ChatSide {
+  text: string;
+  tokens: number;
+  tokensPerSecond: number;
+  done: boolean;
 }
 
 export interface LabMessage {
@@ -94,6 +109,10 @@ export const initialState: LabState = {
   lastCheckpoint: null,
   evaluation: null,
   evaluating: false,
+  customReward: null,
+  customRewardNotes: [],
+  chat: null,
+  chatting: false,
   errors: [],
   notices: [],
 };

@@ -4,6 +4,7 @@
  */
 import { acquireGpu } from '../gpu/gpu';
 import { OpfsModelCache, type DirectoryHandleLike } from '../model/cache';
+import { browserSandbox } from '../selfplay/custom-reward-browser';
 import { DirectoryRunStore, MemoryRunStore } from '../selfplay/store';
 import type { RunStore } from '../selfplay/types';
 import type { LabEnvironment, RunMetaStore, TrainerFactory } from './lab';
@@ -73,5 +74,6 @@ export function browserEnvironment(trainers: TrainerFactory): LabEnvironment {
     },
     runMeta: new OpfsRunMeta(runsDir),
     trainers,
+    rewardSandbox: browserSandbox,
   };
 }

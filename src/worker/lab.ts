@@ -6,21 +6,26 @@
  */
 import { FormatError } from '../formats/errors';
 import type { Gpu } from '../gpu/gpu';
-import { cachedModelSource, modelCacheKey, type ModelCache } from '../model/cache';
-import { loadLlama, readModelConfigs, type LoadedModel, type LoadProgress } from '../model/load';
+import { cachedModelSource, type ModelCache } from '../model/cache';
+import { findCachedModel, loadLlama, readModelConfigs, type LoadedModel, type LoadProgress } from '../model/load';
+import { generate } from '../model/generate';
+import type { InferenceLora } from '../model/infer';
 import type { PeftInput } from '../model/lora';
 import { formatMemoryPlan } from '../model/memory';
 import type { ModelSource } from '../model/source';
 import { loadTokenizer, type ChatTokenizer } from '../model/tokenizer';
 import { DEFAULT_CONFIG, makeConfig, type TrainerConfig } from '../selfplay/config';
+import { CustomReward, summarizeFailures, type CustomRewardSpec, type RewardHook, type SandboxFactory } from '../selfplay/custom-reward';
+import { reportFiles } from '../selfplay/report';
 import type { EvaluationResult, GameRecord, IterationMetrics, RunFiles, RunStore, TrainerEvent } from '../selfplay/types';
 import { modelLabel, planSettingsFor } from './catalog';
-import { CachedOnlySource, downloadBytes, parameterCount, planFor, refFor, sourceFor } from './models';
+import { CachedOnlySource, checkRunFits, downloadBytes, parameterCount, planFor, refFor, sourceFor } from './models';
 import {
   errorInfo,
   type Args,
   type CachedModelInfo,
   type CapabilityReport,
+  type ChatAnswer,
   type CommandKind,
   type ErrorContext,
   type LabEvent,
@@ -40,12 +45,17 @@ export interface Trainer {
   history: IterationMetrics[];
   games: GameRecord[];
   onEvent: (e: TrainerEvent) => void;
-  step(): Promise<IterationMetrics>;
+  /** One iteration; aborting `signal` ends it early, discarded, with the trainer as it was before. */
+  step(opts?: { signal?: AbortSignal }): Promise<IterationMetrics>;
   checkpoint(): Promise<void>;
   exportFiles(): Promise<RunFiles>;
   importAdapter(files: PeftInput): void;
   evaluate(opts?: { instructions?: string[]; maxTokens?: number }): Promise<EvaluationResult>;
   release(): void;
+  /** The user's own reward, scored from the next iteration on (null: none). */
+  customReward?: RewardHook | null;
+  /** The run's adapter, for chat (absent: chat answers with the base model only). */
+  readonly lora?: InferenceLora;
 }
 
 export interface TrainerModels {
@@ -75,6 +85,8 @@ export interface LabEnvironment {
   runStore(): Promise<RunStore>;
   runMeta: RunMetaStore;
   trainers: TrainerFactory;
+  /** Where the user's own reward runs (a sandboxed worker); absent: custom rewards are refused with a reason. */
+  rewardSandbox?: SandboxFactory;
 }
 
 interface Loaded {
@@ -114,6 +126,8 @@ export class Lab {
   private capabilities: CapabilityReport | null = null;
   private checking: Promise<CapabilityReport> | null = null;
   private loaded: Loaded | null = null;
+  /** Cancels the model load in flight (cancelLoad). */
+  private loadAbort: AbortController | null = null;
   private rewardModel: Loaded | null = null;
   private trainer: Trainer | null = null;
   private store: RunStore | null = null;
@@ -122,6 +136,13 @@ export class Lab {
   /** GPU work in order: each step, export, import and evaluation waits for the one before. */
   private queue: Promise<unknown> = Promise.resolve();
   private loop: Promise<void> | null = null;
+  /** Aborts the step in flight (Stop now). */
+  private stepAbort: AbortController | null = null;
+  private chatId = 0;
+  /** Iterations Stop now discarded (to tell stopNow's caller whether one was). */
+  private discarded = 0;
+  /** The user's own reward, compiled in its sandbox; used by the current and later runs. */
+  private customReward: CustomReward | null = null;
 
   constructor(
     private readonly env: LabEnvironment,
@@ -148,7 +169,7 @@ export class Lab {
         hiddenSize: config.hiddenSize,
         vocabSize: config.vocabSize,
         parameters: parameterCount(config),
-        downloadBytes: downloadBytes(config),
+        downloadBytes: downloadBytes(config, model),
         plan,
         planLines: formatMemoryPlan(plan),
       };
@@ -183,6 +204,61 @@ export class Lab {
       await this.loop;
       return { iteration: this.trainer?.iteration ?? 0 };
     },
+    chat: async ({ messages, adapter, maxTokens = 256, temperature = 0 }) => {
+      if (this.state === 'running' || this.state === 'pausing') throw new Error('An iteration is running on the GPU: pause the run (or press Stop now), then chat; the chat answers from the adapter as it is then.');
+      const loaded = this.loaded;
+      const gpu = this.gpu;
+      if (!loaded || !gpu) throw new Error('No model is loaded: load one on the start screen first.');
+      if (messages.length === 0 || messages.at(-1)!.role !== 'user') throw new Error('The chat needs a user message to answer.');
+      if (!(Number.isInteger(maxTokens) && maxTokens >= 1 && maxTokens <= 4096)) throw new Error(`maxTokens must be a whole number from 1 to 4096, got ${maxTokens}`);
+      const lora = this.trainer?.lora ?? null;
+      if (adapter !== 'off' && !lora) throw new Error('There is no adapter yet: start a run or import an adapter to chat with it; "adapter off" answers with the base model.');
+      const sides = adapter === 'both' ? [true, false] : [adapter === 'on'];
+      const id = ++this.chatId;
+      const tok = loaded.tokenizer;
+      const prompt = tok.applyChatTemplate(messages, { addGenerationPrompt: true });
+      return this.serial(async () => {
+        const answers: ChatAnswer[] = [];
+        for (const on of sides) {
+          const ids: number[] = [];
+          let sent = '';
+          const t0 = performance.now();
+          const rate = () => ids.length / Math.max(1e-3, (performance.now() - t0) / 1000);
+          const before = lora?.enabled ?? true;
+          if (lora) lora.enabled = true;
+          try {
+            const gen = await generate(gpu, loaded.model.weights, on ? lora : null, {
+              prompt, G: 1, maxNewTokens: maxTokens, temperature, seed: id, stopTokens: tok.eosTokenIds,
+              onToken: (_row, t) => {
+                ids.push(t);
+                const text = tok.decode(ids, { skipSpecialTokens: true }).replace(/\uFFFD+$/, '');
+                if (text.length > sent.length && text.startsWith(sent)) {
+                  this.emit({ type: 'chat-token', id, adapter: on, delta: text.slice(sent.length), tokens: ids.length, tokensPerSecond: rate() });
+                  sent = text;
+                }
+              },
+            });
+            const a = gen.answers[0]!;
+            const seconds = (performance.now() - t0) / 1000;
+            answers.push({ adapter: on, text: tok.decode(a.tokens, { skipSpecialTokens: true }), tokens: a.tokens.length, seconds, tokensPerSecond: a.tokens.length / Math.max(1e-3, seconds), finishReason: a.finishReason });
+          } finally {
+            if (lora) lora.enabled = before;
+          }
+        }
+        return { id, answers };
+      });
+    },
+    stopNow: async () => {
+      const abort = this.stepAbort;
+      const inFlight = abort !== null && (this.state === 'running' || this.state === 'pausing');
+      if (inFlight) {
+        this.setState('pausing');
+        abort.abort(new DOMException('Stopped by the user: the iteration in flight was discarded.', 'AbortError'));
+      }
+      const before = this.discarded;
+      await this.loop;
+      return { iteration: this.trainer?.iteration ?? 0, discarded: this.discarded > before };
+    },
     resume: async () => {
       if (!this.trainer) throw new Error('There is no run to resume: start one first.');
       if (this.state !== 'running' && this.state !== 'pausing') this.runLoop(Infinity);
@@ -203,6 +279,7 @@ export class Lab {
     exportRun: async () => {
       const trainer = this.requireTrainer();
       const files = await this.serial(() => trainer.exportFiles());
+      for (const [name, bytes] of reportFiles(trainer.games, trainer.history)) files.set(name, bytes);
       return { files: [...files].map(([name, bytes]) => ({ name, bytes: bytes.slice().buffer as ArrayBuffer })) };
     },
     importAdapter: async ({ files, config }) => {
@@ -235,10 +312,28 @@ export class Lab {
       return { ok: true as const };
     },
     listCached: async () => this.listCached(),
+    cancelLoad: async () => {
+      const abort = this.loadAbort;
+      abort?.abort();
+      return { cancelled: abort !== null };
+    },
     deleteCached: async ({ key }) => {
       const cache = await this.env.modelCache();
       await cache?.delete(key);
       return this.listCached();
+    },
+    setCustomReward: async ({ spec }) => {
+      await this.setCustomReward(spec);
+      if (this.trainer) await this.saveMeta(this.trainer.iteration);
+      return { name: this.customReward?.name ?? null };
+    },
+    tryCustomReward: async ({ spec, query, answer }) => {
+      const r = await CustomReward.create(spec, this.requireSandbox());
+      try {
+        return await r.call(query, answer);
+      } finally {
+        r.release();
+      }
     },
   };
 
@@ -324,7 +419,7 @@ export class Lab {
    */
   private async readConfigs(source: ModelSource, format: WeightFormat, useCache: boolean): ReturnType<typeof readModelConfigs> {
     const cache = useCache ? await this.env.modelCache().catch(() => null) : null;
-    const entry = cache ? await cache.get(modelCacheKey(source.name, source.revision, format)).catch(() => null) : null;
+    const entry = cache ? await findCachedModel(cache, source, { format }).catch(() => null) : null;
     return readModelConfigs(entry ? cachedModelSource(entry) : source);
   }
 
@@ -332,6 +427,10 @@ export class Lab {
   private async loadWeights(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean, role: 'policy' | 'reward'): Promise<Loaded> {
     const gpu = await this.requireGpu();
     const label = modelLabel(ref);
+    // cancelLoad aborts this load from here on (loadLlama stops between reads).
+    const abort = new AbortController();
+    this.loadAbort?.abort();
+    this.loadAbort = abort;
     this.emit({ type: 'load-progress', phase: 'config', file: 'config.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
     const { config } = await this.readConfigs(source, format, useCache);
     if (role === 'policy') {
@@ -348,7 +447,9 @@ export class Lab {
       this.emit({ type: 'load-progress', phase: p.phase, file: p.file, bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, rate, etaSeconds: eta });
     };
     const cache = useCache ? await this.env.modelCache().catch(() => null) : null;
-    const model = await this.serial(() => loadLlama(gpu, source, { format, onProgress, cache }));
+    const model = await this.serial(() => loadLlama(gpu, source, { format, onProgress, cache, signal: abort.signal })).finally(() => {
+      if (this.loadAbort === abort) this.loadAbort = null;
+    });
     this.emit({ type: 'load-progress', phase: 'tokenizer', file: 'tokenizer.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
     let tokenizer: ChatTokenizer;
     try {
@@ -407,10 +508,15 @@ export class Lab {
     const models = this.models();
     await this.serial(async () => {
       const store = (this.store ??= await this.env.runStore());
+      // The memory check on the device: a run that cannot fit is refused with the settings that do, before it can lose the device.
+      const fit = await checkRunFits(models.gpu, models.model.weights.config, config, this.loaded!.format);
+      this.emit({ type: 'memory-plan', plan: fit.plan, lines: formatMemoryPlan(fit.plan) });
+      if (!fit.ok) throw new Error(fit.message!);
       // The new run first: if it cannot start (bad settings, no reward model), the old one is untouched.
       const next = await this.env.trainers.start(models, config, { store, adapter, onEvent: this.onTrainerEvent });
       this.trainer?.release();
       this.trainer = next;
+      next.customReward = this.customReward;
       this.pending = config;
       // Before any event of the new run: the page drops the old run's games and metrics.
       this.emit({ type: 'run-reset', config: next.config });
@@ -430,6 +536,7 @@ export class Lab {
       iteration,
       savedAt: new Date().toISOString(),
       config: this.trainer.config,
+      customReward: this.customReward?.spec ?? null,
     };
     try {
       await this.env.runMeta.save(info);
@@ -474,6 +581,13 @@ export class Lab {
     const trainer = await this.serial(() => this.env.trainers.resume(models, store, { onEvent: this.onTrainerEvent }));
     if (!trainer) throw new Error('The saved run has no checkpoint to continue from (it was saved before its first iteration finished). Start a new run.');
     this.trainer = trainer;
+    if (saved.customReward && this.env.rewardSandbox) {
+      try {
+        await this.setCustomReward(saved.customReward);
+      } catch (e) {
+        this.emit({ type: 'error', context: 'settings', error: errorInfo(e), runPreserved: true });
+      }
+    } else trainer.customReward = this.customReward;
     this.setState('paused');
     return this.runInfo();
   }
@@ -494,16 +608,24 @@ export class Lab {
     this.setState('running');
     const loop = (async () => {
       for (let done = 0; done < count && this.state === 'running' && this.trainer === trainer; done++) {
+        const abort = new AbortController();
+        this.stepAbort = abort;
         try {
-          await this.serial(() => trainer.step());
+          await this.serial(() => trainer.step({ signal: abort.signal }));
         } catch (e) {
           if (this.trainer !== trainer) return;
+          if (abort.signal.aborted) {
+            this.discarded++;
+            this.emit({ type: 'iteration-discarded', iteration: trainer.iteration });
+            break;
+          }
           const info = errorInfo(e);
           const context: ErrorContext = /storage|quota/i.test(info.message) ? 'storage' : 'run';
           this.emit({ type: 'error', context, error: info, runPreserved: true });
           break;
         }
       }
+      this.stepAbort = null;
       if (this.trainer === trainer) this.setState('paused');
     })();
     this.loop = loop;
@@ -513,6 +635,26 @@ export class Lab {
     if (this.state === 'running') this.setState('pausing');
     await this.loop;
     this.loop = null;
+  }
+
+  private requireSandbox(): SandboxFactory {
+    const f = this.env.rewardSandbox;
+    if (!f) throw new Error('This lab has no sandbox to run a reward function in (it needs Web Workers).');
+    return f;
+  }
+
+  /** Compiles the user's reward (or drops it), then swaps it in between iterations. */
+  private async setCustomReward(spec: CustomRewardSpec | null): Promise<void> {
+    const next = spec ? await CustomReward.create(spec, this.requireSandbox()) : null;
+    if (next) {
+      next.onFailures = (failures) =>
+        this.emit({ type: 'custom-reward', iteration: this.trainer?.iteration ?? 0, message: summarizeFailures(next.name, failures, next.spec.fallback), fallbacks: failures.length });
+    }
+    await this.serial(async () => {
+      this.customReward?.release();
+      this.customReward = next;
+      if (this.trainer) this.trainer.customReward = next;
+    });
   }
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {

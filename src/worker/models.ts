@@ -5,9 +5,13 @@
  */
 import { FormatError } from '../formats/errors';
 import { llamaTensorShapes, type LlamaConfig } from '../formats/llama-config';
+import type { Gpu } from '../gpu/gpu';
 import { planMemory, type MemoryPlan, type RunShape } from '../model/memory';
+import { checkRunMemory, type MemoryCheck } from '../model/memory-probe';
+import type { TrainerConfig } from '../selfplay/config';
+import { knownModel, planSettingsFor } from './catalog';
 import { DroppedFilesSource, hubModelSource, servedModelSource, type ModelSource } from '../model/source';
-import type { ModelChoice, ModelRef, PlanSettings } from './protocol';
+import type { ModelChoice, ModelRef, PlanSettings, WeightFormat } from './protocol';
 
 
 /** Files dropped on the page, keyed by their path inside the dropped folder. */
@@ -79,6 +83,19 @@ export function planFor(config: LlamaConfig, s: PlanSettings, limits: { maxBuffe
   return planMemory(config, runShape(s), limits);
 }
 
+/**
+ * The memory check before a run: the run's peak probed on the device (what this page
+ * already holds on it, the loaded weights and pooled buffers, counts towards the peak).
+ * When it does not fit, `message` names the largest settings that do.
+ */
+export function checkRunFits(gpu: Gpu, config: LlamaConfig, trainer: TrainerConfig, format: WeightFormat): Promise<MemoryCheck> {
+  const run = runShape(planSettingsFor(trainer, format));
+  const held = gpu.stats().allocatedBytes;
+  const limits = { maxBufferSize: gpu.caps.maxBufferSize, maxStorageBufferBindingSize: gpu.caps.maxStorageBufferBindingSize };
+  const peak = planMemory(config, run, limits).total;
+  return checkRunMemory(gpu.device, config, { run, microBatch: trainer.microBatch }, limits, Math.min(held, peak));
+}
+
 const DTYPE_BYTES: Record<string, number> = { bfloat16: 2, float16: 2, float32: 4 };
 
 export function parameterCount(config: LlamaConfig): number {
@@ -87,6 +104,9 @@ export function parameterCount(config: LlamaConfig): number {
   return n;
 }
 
-export function downloadBytes(config: LlamaConfig): number {
+/** Bytes to download: a known model's files as the picker lists them, else parameters times the checkpoint's dtype size. */
+export function downloadBytes(config: LlamaConfig, model?: ModelChoice): number {
+  const known = model?.kind === 'hub' ? knownModel(model.id) : null;
+  if (known) return known.downloadBytes;
   return parameterCount(config) * (DTYPE_BYTES[config.torchDtype ?? 'bfloat16'] ?? 2);
 }

@@ -10,6 +10,7 @@
 import type { GpuCapabilities } from '../gpu/gpu';
 import type { MemoryPlan } from '../model/memory';
 import type { DeepPartial, TrainerConfig } from '../selfplay/config';
+import type { CustomRewardSpec, SandboxReply } from '../selfplay/custom-reward';
 import type { EvaluationResult, GameRecord, IterationMetrics, TrainerEvent } from '../selfplay/types';
 
 /** Where a model comes from, in a form that can cross to the worker and be saved with a run. */
@@ -57,6 +58,8 @@ export interface SavedRunInfo {
   iteration: number;
   savedAt: string;
   config: TrainerConfig;
+  /** The user's own reward the run scored with (set again on resume). */
+  customReward?: CustomRewardSpec | null;
 }
 
 export interface CachedModelInfo {
@@ -102,6 +105,16 @@ export interface RunInfo {
   games: GameRecord[];
 }
 
+export interface ChatAnswer {
+  /** Whether the run's adapter was on (false: the base model). */
+  adapter: boolean;
+  text: string;
+  tokens: number;
+  seconds: number;
+  tokensPerSecond: number;
+  finishReason: string;
+}
+
 export interface ExportedFile {
   name: string;
   bytes: ArrayBuffer;
@@ -117,10 +130,25 @@ export interface Commands {
   /** A LlamaForSequenceClassification reward model beside the policy (for rewards.rewardModel). */
   loadRewardModel: { args: { model: ModelChoice; token?: string; format: WeightFormat; useCache: boolean }; result: ModelInfo };
   unloadRewardModel: { args: Record<string, never>; result: { ok: true } };
+  /** Cancels the model download in flight (its partial cache entry is removed); false when none was running. */
+  cancelLoad: { args: Record<string, never>; result: { cancelled: boolean } };
   /** Starts a new run with these settings (replacing the saved one) and keeps stepping until paused. */
   start: { args: { config: DeepPartial<TrainerConfig> }; result: RunInfo };
   /** Finishes the current iteration, then stops. */
   pause: { args: Record<string, never>; result: { iteration: number } };
+  /**
+   * Stop now: aborts the iteration in flight within one decode step and discards it (no update, no games,
+   * no metrics); the run stays at its last finished iteration and checkpoint, paused.
+   */
+  stopNow: { args: Record<string, never>; result: { iteration: number; discarded: boolean } };
+  /**
+   * Chat with the loaded model: the answer streams as 'chat-token' events; adapter 'both' answers with the
+   * run's adapter on, then off (the base model). Refused with the reason while an iteration runs.
+   */
+  chat: {
+    args: { messages: { role: 'system' | 'user' | 'assistant'; content: string }[]; adapter: 'on' | 'off' | 'both'; maxTokens?: number; temperature?: number };
+    result: { id: number; answers: ChatAnswer[] };
+  };
   /** Keeps stepping the current run. */
   resume: { args: Record<string, never>; result: { iteration: number } };
   /** One iteration (starts a run with `config` when there is none). */
@@ -135,6 +163,13 @@ export interface Commands {
   /** Drops the run in memory and the saved one. */
   resetRun: { args: Record<string, never>; result: { ok: true } };
   listCached: { args: Record<string, never>; result: CachedModelInfo[] };
+  /**
+   * The user's own reward (null: none): compiled in its sandbox (a source that does not load is refused
+   * with the reason), then used by the current run from its next iteration and by runs started later.
+   */
+  setCustomReward: { args: { spec: CustomRewardSpec | null }; result: { name: string | null } };
+  /** Calls a reward source once on (query, answer) in a fresh sandbox: its number, or why there is none. */
+  tryCustomReward: { args: { spec: CustomRewardSpec; query: string; answer: string }; result: SandboxReply };
   deleteCached: { args: { key: string }; result: CachedModelInfo[] };
 }
 
@@ -180,6 +215,12 @@ export type LabEvent =
   /** The run in view is gone: replaced by a new run with `config`, or reset (null). */
   | { type: 'run-reset'; config: TrainerConfig | null }
   | { type: 'saved-run'; info: SavedRunInfo | null }
+  /** Answers of one iteration that got the user's reward's fallback, and why (named reasons, counted in reward/custom_fallback_count). */
+  | { type: 'custom-reward'; iteration: number; message: string; fallbacks: number }
+  /** Stop now ended iteration `iteration` before its update; the run is as it was before it. */
+  | { type: 'iteration-discarded'; iteration: number }
+  /** New text of chat answer `id` (adapter on or off), with its decode rate so far. */
+  | { type: 'chat-token'; id: number; adapter: boolean; delta: string; tokens: number; tokensPerSecond: number }
   | { type: 'error'; context: ErrorContext; error: ErrorInfo; runPreserved: boolean };
 
 export type WorkerMessage =

@@ -16,6 +16,8 @@ import type { Gpu } from '../../src/gpu/gpu';
 import { useGpu } from '../helpers/gpu';
 import { ROOT, TINY_DIR, countingSource, expectSameBytes, linearValues, memorySource, syntheticModel } from '../helpers/model-files';
 import { FakeDirectory, FakeQuota } from '../helpers/model-opfs';
+import { llamaOnnxFolder, type LlamaOnnxOptions } from '../../src/formats/onnx-llama';
+import { readCheckpoint, type CheckpointValues } from '../peer/onnx-model';
 
 /** Every weight of two loaded models is the same, byte for byte. */
 async function expectSameWeights(gpu: Gpu, a: LoadedModel, b: LoadedModel): Promise<void> {
@@ -209,5 +211,178 @@ describe('OpfsModelCache (on an in-memory file system)', () => {
     expect(await cache.get('half-written')).toBeNull();
     expect(await cache.list()).toEqual([]);
     expect(root.dirs.size).toBe(0);
+  });
+});
+
+describe('an ONNX export (onnx-community layout) in the cache', () => {
+  const gpu = useGpu();
+  let ckpt: CheckpointValues | null = null;
+  const folder = async (options: LlamaOnnxOptions): Promise<Record<string, Uint8Array | string>> => {
+    ckpt ??= await readCheckpoint(TINY_DIR);
+    return llamaOnnxFolder(ckpt.configJson, ckpt.textFiles, ckpt.config, ckpt.values, options);
+  };
+  const asBytes = (v: Uint8Array | string): Uint8Array => (typeof v === 'string' ? new TextEncoder().encode(v) : v);
+
+  it('is stored byte for byte in OPFS; the second load reads nothing from the source and gives the same weights', async () => {
+    const files = await folder({ weights: 'q4', embedding: 'q4' });
+    const root = new FakeDirectory();
+    const cache = new OpfsModelCache(root);
+    const reference = await loadLlama(gpu(), memorySource(files, 'onnx-community/tiny-ONNX', 'main'), { format: 'q4' });
+    const a = countingSource(memorySource(files, 'onnx-community/tiny-ONNX', 'main'));
+    const first = await loadLlama(gpu(), a.source, { format: 'q4', cache, maxChunkBytes: 1 << 16 });
+    expect(first.cacheError).toBeNull();
+    expect(first.fromCache).toBe(false);
+    expect(first.sourceName).toBe('onnx-community/tiny-ONNX');
+    // The source was read once: each byte of the external data exactly once.
+    const dataSize = asBytes(files['onnx/model_q4.onnx_data']!).length;
+    const onnxSize = asBytes(files['onnx/model_q4.onnx']!).length;
+    expect(a.log.bytesRead).toBe(dataSize + onnxSize);
+    expect(a.log.largestRead).toBeLessThanOrEqual(Math.max(1 << 16, onnxSize));
+    const [manifest] = await cache.list();
+    expect(manifest!.format).toBe('onnx');
+    expect(manifest!.onnxFile).toBe('onnx/model_q4.onnx');
+    const dir = root.dirs.get(manifest!.key)!;
+    for (const name of ['onnx/model_q4.onnx', 'onnx/model_q4.onnx_data', 'config.json', 'tokenizer.json']) {
+      expectSameBytes(dir.files.get(name)!, asBytes(files[name]!), `cached ${name}`);
+    }
+    expect(manifest!.bytes).toBe(root.bytes() - dir.files.get('manifest.json')!.length);
+
+    const b = countingSource(memorySource(files, 'onnx-community/tiny-ONNX', 'main'));
+    const events = new Set<string>();
+    const second = await loadLlama(gpu(), b.source, { format: 'q4', cache, onProgress: (p) => events.add(p.phase) });
+    expect(b.log.calls).toEqual([]);
+    expect(b.log.reads).toBe(0);
+    expect(second.fromCache).toBe(true);
+    expect(second.cacheError).toBeNull();
+    expect(events).toEqual(new Set(['cache-read']));
+    await expectSameWeights(gpu(), reference, first);
+    await expectSameWeights(gpu(), reference, second);
+    // The tokenizer comes from the cached files too.
+    const tok = await loadTokenizer(second.files);
+    expect(tok.encode('The capital of France').length).toBeGreaterThan(0);
+    expect(b.log.calls).toEqual([]);
+    // The same entry serves format f32 (the files are stored, not the GPU layout).
+    const f32 = await loadLlama(gpu(), b.source, { format: 'f32', cache });
+    expect(f32.fromCache).toBe(true);
+    expect(b.log.reads).toBe(0);
+    for (const m of [reference, first, second, f32]) m.weights.release();
+  });
+
+  it('a large dense (f16) embedding of a 4-bit export is quantized on the GPU, as the memory plan assumes', async () => {
+    const files = await folder({ weights: 'q4', scales: 'f16', zeroPoints: false, embedding: 'f16' });
+    const exact = await loadLlama(gpu(), memorySource(files), { format: 'q4' });
+    const small = await loadLlama(gpu(), memorySource(files), { format: 'q4', denseEmbeddingMaxBytes: 1 << 20 });
+    try {
+      expect(exact.weights.embed.format).toBe('f32');
+      expect(small.weights.embed.format).toBe('q4');
+      const { vocabSize: V, hiddenSize: C } = small.weights.config;
+      // The f32 table (V x C x 4 bytes) became 4-bit rows (C/2 bytes, plus f16 scales and zero points per 32).
+      expect(exact.weights.bytes - small.weights.bytes).toBeGreaterThan(V * C * 4 - V * C * (0.5 + 2 / 32 + 1 / 64) - (4 << 20));
+      // Layer weights are the file's bytes either way.
+      expectSameBytes(await linearValues(gpu(), small.weights.layers[1]!.down), await linearValues(gpu(), exact.weights.layers[1]!.down), 'layer 1 down');
+    } finally {
+      exact.weights.release();
+      small.weights.release();
+    }
+  });
+
+  it('a damaged entry is reported, dropped, and the model downloads again; a full store still loads', async () => {
+    const files = await folder({ weights: 'q4', scales: 'f16', zeroPoints: false, embedding: 'f16' });
+    const root = new FakeDirectory();
+    const cache = new OpfsModelCache(root);
+    const first = await loadLlama(gpu(), memorySource(files, 'onnx-model', 'r1'), { format: 'q4', cache });
+    const [manifest] = await cache.list();
+    expect(manifest!.onnxFile).toBe('onnx/model_q4f16.onnx');
+    const dir = root.dirs.get(manifest!.key)!;
+    const data = dir.files.get('onnx/model_q4f16.onnx_data')!;
+    dir.files.set('onnx/model_q4f16.onnx_data', data.subarray(0, data.length - 100));
+    const again = countingSource(memorySource(files, 'onnx-model', 'r1'));
+    const second = await loadLlama(gpu(), again.source, { format: 'q4', cache });
+    expect(second.fromCache).toBe(false);
+    expect(second.cacheError).toBeInstanceOf(FormatError);
+    expect(second.cacheError!.message).toMatch(/onnx_data: holds \d+ bytes, expected \d+\. Delete the cached model/);
+    expect(again.log.reads).toBeGreaterThan(0);
+    expect(root.dirs.get(manifest!.key)!.files.get('onnx/model_q4f16.onnx_data')!.length).toBe(data.length);
+    await expectSameWeights(gpu(), first, second);
+    // A lost file (not just a short one) is reported the same way.
+    root.dirs.get(manifest!.key)!.files.delete('onnx/model_q4f16.onnx_data');
+    const third = await loadLlama(gpu(), memorySource(files, 'onnx-model', 'r1'), { format: 'q4', cache });
+    expect(third.cacheError).toBeInstanceOf(ModelCacheError);
+    expect(third.cacheError!.message).toMatch(/lost its file onnx\/model_q4f16.onnx_data/);
+
+    const quota = new FakeQuota(5_000);
+    const full = new OpfsModelCache(new FakeDirectory(quota));
+    const small = await loadLlama(gpu(), memorySource(files, 'onnx-model', 'r1'), { format: 'q4', cache: full });
+    expect(small.cacheError).toBeInstanceOf(ModelCacheError);
+    expect(small.cacheError!.message).toMatch(/^Storage full: .*Free space or delete cached models/);
+    expect(quota.used).toBe(0);
+    expect(await full.list()).toEqual([]);
+    await expectSameWeights(gpu(), first, small);
+    for (const m of [first, second, third, small]) m.weights.release();
+  });
+});
+
+describe('cancelling a load', () => {
+  const gpu = useGpu();
+
+  it('mid-download of an ONNX export: an AbortError, no partial entry, the other entries kept', async () => {
+    const ck = await readCheckpoint(TINY_DIR);
+    const files = llamaOnnxFolder(ck.configJson, ck.textFiles, ck.config, ck.values, { weights: 'q4', embedding: 'q4' });
+    const root = new FakeDirectory();
+    const cache = new OpfsModelCache(root);
+    const kept = await loadLlama(gpu(), memorySource(syntheticModel({ seed: 53 }).files, 'other'), { format: 'q4', cache });
+    expect(kept.cacheError).toBeNull();
+    const before = root.bytes();
+    const ctrl = new AbortController();
+    let abortedAt = 0;
+    const { source, log } = countingSource(memorySource(files, 'onnx-model', 'r1'));
+    const load = loadLlama(gpu(), source, {
+      format: 'q4',
+      cache,
+      maxChunkBytes: 1 << 14,
+      signal: ctrl.signal,
+      onProgress: (p) => {
+        if (!ctrl.signal.aborted && p.file.endsWith('_data') && p.bytesDone > p.bytesTotal / 3) {
+          abortedAt = log.reads;
+          ctrl.abort();
+        }
+      },
+    });
+    await expect(load).rejects.toMatchObject({ name: 'AbortError', message: /cancelled/ });
+    expect(abortedAt).toBeGreaterThan(0);
+    expect(log.reads).toBe(abortedAt); // no read after the cancel
+    expect(root.bytes()).toBe(before);
+    expect((await cache.list()).map((m) => m.source)).toEqual(['other']);
+    const again = await loadLlama(gpu(), memorySource({}, 'other'), { format: 'q4', cache });
+    expect(again.fromCache).toBe(true);
+    await expectSameWeights(gpu(), kept, again);
+    kept.weights.release();
+    again.weights.release();
+  });
+
+  it('of a safetensors checkpoint, while reading or while caching: an AbortError and no entry', async () => {
+    const m = syntheticModel({ seed: 59 });
+    for (const phase of ['weights', 'cache-write'] as const) {
+      const cache = new MemoryModelCache();
+      const ctrl = new AbortController();
+      const load = loadLlama(gpu(), memorySource(m.files), {
+        format: 'q4',
+        cache,
+        maxChunkBytes: 2048,
+        signal: ctrl.signal,
+        onProgress: (p) => {
+          if (p.phase === phase && p.bytesDone > p.bytesTotal / 2) ctrl.abort();
+        },
+      });
+      await expect(load).rejects.toMatchObject({ name: 'AbortError' });
+      expect(await cache.list()).toEqual([]);
+      expect(cache.usedBytes).toBe(0);
+    }
+    // Already cancelled: nothing is read at all.
+    const { source, log } = countingSource(memorySource(m.files));
+    const ctrl = new AbortController();
+    ctrl.abort();
+    await expect(loadLlama(gpu(), source, { format: 'q4', signal: ctrl.signal })).rejects.toMatchObject({ name: 'AbortError' });
+    expect(log.calls).toEqual([]);
   });
 });

@@ -11,7 +11,7 @@ import { FormatError } from '../../src/formats/errors';
 import { downloadQ4 } from '../../src/kernels/q4-layout';
 import { loadLlama } from '../../src/model/load';
 import { openModelDir } from '../../src/model/node-source';
-import { DEFAULT_MODEL_ID, DroppedFilesSource, SMALL_MODEL_ID, hubModelSource, isHubRepoId, modelSourceFrom, servedModelSource } from '../../src/model/source';
+import { BF16_MODEL_ID, DEFAULT_MODEL_ID, DroppedFilesSource, SMALL_MODEL_ID, hubModelSource, isHubRepoId, modelSourceFrom, servedModelSource } from '../../src/model/source';
 import { useGpu } from '../helpers/gpu';
 import { TINY_DIR, expectSameBytes } from '../helpers/model-files';
 
@@ -65,10 +65,12 @@ async function rejection(p: Promise<unknown>): Promise<FormatError> {
 describe('hub repositories over HTTP', () => {
   const gpu = useGpu();
 
-  it('default ids: ungated Llama-3.2 Instruct copies', () => {
-    expect(DEFAULT_MODEL_ID).toBe('unsloth/Llama-3.2-3B-Instruct');
+  it('default ids: the 4-bit ONNX export, and ungated Llama-3.2 Instruct copies', () => {
+    expect(DEFAULT_MODEL_ID).toBe('onnx-community/Llama-3.2-3B-Instruct-ONNX');
+    expect(hubModelSource(DEFAULT_MODEL_ID).url('onnx/model_q4f16.onnx_data')).toBe('https://huggingface.co/onnx-community/Llama-3.2-3B-Instruct-ONNX/resolve/main/onnx/model_q4f16.onnx_data');
+    expect(BF16_MODEL_ID).toBe('unsloth/Llama-3.2-3B-Instruct');
     expect(SMALL_MODEL_ID).toBe('unsloth/Llama-3.2-1B-Instruct');
-    const hub = hubModelSource(DEFAULT_MODEL_ID);
+    const hub = hubModelSource(BF16_MODEL_ID);
     expect(hub.url('model-00001-of-00002.safetensors')).toBe('https://huggingface.co/unsloth/Llama-3.2-3B-Instruct/resolve/main/model-00001-of-00002.safetensors');
     expect(hub.revision).toBe('main');
     expect(isHubRepoId('owner/name')).toBe(true);

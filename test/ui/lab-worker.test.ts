@@ -8,16 +8,18 @@
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { createServer, type ViteDevServer } from 'vite';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { Gpu } from '../../src/gpu/gpu';
 import { acquireNodeGpu } from '../../src/gpu/node';
 import { MemoryModelCache } from '../../src/model/cache';
 import type { TrainerConfig } from '../../src/selfplay/config';
 import { MemoryRunStore } from '../../src/selfplay/store';
-import type { PeftInput } from '../../src/model/lora';
+import { LoraAdapter, type PeftInput } from '../../src/model/lora';
 import type { EvaluationResult, IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
 import { Lab, type LabEnvironment, type Trainer, type TrainerFactory, type TrainerModels } from '../../src/worker/lab';
 import type { LabEvent, SavedRunInfo } from '../../src/worker/protocol';
+import { DEFAULT_CUSTOM_REWARD, type RewardHook } from '../../src/selfplay/custom-reward';
+import { nodeSandbox } from '../../src/selfplay/custom-reward-node';
 import { syntheticModel, TINY_DIR } from '../helpers/model-files';
 
 /** A trainer whose every step waits until the test calls release(); a step can be told to fail. */
@@ -27,6 +29,8 @@ class ScriptedTrainer implements Trainer {
   games = [];
   onEvent: (e: TrainerEvent) => void;
   failNext: Error | null = null;
+  customReward: RewardHook | null = null;
+  lora?: LoraAdapter;
   private gates: (() => void)[] = [];
   private waiting: ((n: number) => void) | null = null;
 
@@ -44,10 +48,21 @@ class ScriptedTrainer implements Trainer {
     await new Promise((r) => setTimeout(r, 5));
   }
 
-  async step(): Promise<IterationMetrics> {
-    await new Promise<void>((r) => {
-      this.gates.push(r);
+  /** Waits until a step is under way (without finishing it). */
+  async inFlight(): Promise<void> {
+    while (this.gates.length === 0) await new Promise<number>((r) => (this.waiting = r));
+  }
+
+  async step(opts: { signal?: AbortSignal } = {}): Promise<IterationMetrics> {
+    await new Promise<void>((r, reject) => {
+      const gate = () => r();
+      this.gates.push(gate);
       this.waiting?.(this.gates.length);
+      // Stop now: the scripted step ends at once with the abort's reason, as the real trainer does within one decode step.
+      opts.signal?.addEventListener('abort', () => {
+        this.gates = this.gates.filter((g) => g !== gate);
+        reject(opts.signal!.reason);
+      });
     });
     if (this.failNext) {
       const e = this.failNext;
@@ -55,6 +70,7 @@ class ScriptedTrainer implements Trainer {
       throw e;
     }
     const metrics: IterationMetrics = { iteration: this.iteration, time: Date.now(), values: { reward: this.iteration } };
+    if (this.customReward) metrics.values['reward/custom_fallback_count'] = (await this.customReward.score(['q'], [['ok', 'loop', 'throw']])).fallbacks;
     this.history.push(metrics);
     this.iteration++;
     this.onEvent({ type: 'iteration', metrics });
@@ -117,6 +133,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
       clear: () => Promise.resolve(void (meta = null)),
     },
     trainers: factory,
+    rewardSandbox: nodeSandbox,
   });
 
   beforeAll(async () => {
@@ -188,8 +205,11 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     expect(meta?.model).toEqual({ kind: 'served', folder: 'tiny-llama' });
 
     const exported = await lab.handle('exportRun', {});
-    expect(exported.files.map((f) => f.name)).toEqual(['metrics.json']);
+    expect(exported.files.map((f) => f.name)).toEqual(['metrics.json', 'completions.jsonl', 'metrics.csv']);
     expect(JSON.parse(new TextDecoder().decode(exported.files[0]!.bytes))).toHaveLength(4);
+    const csv = new TextDecoder().decode(exported.files[2]!.bytes).trimEnd().split('\n');
+    expect(csv[0]).toBe('step,time,reward');
+    expect(csv.slice(1).map((l) => l.split(',')[2])).toEqual(['0', '1', '2', '3']);
 
     expect(await lab.handle('evaluate', { maxTokens: 16 })).toMatchObject({ iteration: 4, winRate: 0.75 });
     expect(events.find((e) => e.type === 'evaluation')).toMatchObject({ result: { unparsed: 16 } });
@@ -231,7 +251,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     const err = events.find((e) => e.type === 'error') as Extract<LabEvent, { type: 'error' }>;
     expect(err).toMatchObject({ context: 'storage', runPreserved: true, error: { message: expect.stringContaining('Storage full') } });
     expect(states(events).at(-1)).toBe('paused');
-    expect((await lab.handle('exportRun', {})).files).toHaveLength(1);
+    expect((await lab.handle('exportRun', {})).files).toHaveLength(3);
     // A new run that cannot start leaves the current one (and its checkpoint) in place.
     const before = trainers.length;
     await expect(lab.handle('start', { config: { seed: 13 } })).rejects.toThrow(/refuses seed 13/);
@@ -263,6 +283,110 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     expect(meta).toBeNull();
     expect(await store.load()).toBeNull();
     expect(events.at(-1)).toEqual({ type: 'saved-run', info: null });
+  });
+
+  it("the user's reward: a bad source is refused with the reason, a loop or a throw is a named and counted fallback, the reward is saved with the run", async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    await expect(lab.handle('setCustomReward', { spec: { ...DEFAULT_CUSTOM_REWARD, source: 'function reward(q, a) {' } })).rejects.toThrow(/does not load: SyntaxError/);
+    const looped = await lab.handle('tryCustomReward', { spec: { ...DEFAULT_CUSTOM_REWARD, source: '(q, a) => { for (;;) {} }', timeoutMs: 50 }, query: 'q', answer: 'a' });
+    expect(looped).toMatchObject({ ok: false, reason: 'timeout' });
+    expect(await lab.handle('tryCustomReward', { spec: { ...DEFAULT_CUSTOM_REWARD, source: '(q, a) => a.length' }, query: 'q', answer: 'abc' })).toEqual({ ok: true, value: 3 });
+    await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    const source = "(q, a) => { if (a === 'loop') for (;;) {} if (a === 'throw') throw new RangeError('no'); return 1; }";
+    expect(await lab.handle('setCustomReward', { spec: { ...DEFAULT_CUSTOM_REWARD, source, timeoutMs: 50 } })).toEqual({ name: 'custom' });
+    const before = trainers.length;
+    const stepping = lab.handle('step', { config: { world: 'arithmetic', mode: 'lsp-zero', queriesPerIteration: 1, groupSize: 3 } });
+    while (trainers.length === before) await new Promise((r) => setTimeout(r, 5));
+    await trainer().finishStep();
+    await stepping;
+    expect(trainer().history.at(-1)!.values['reward/custom_fallback_count']).toBe(2);
+    const note = events.find((e) => e.type === 'custom-reward') as Extract<LabEvent, { type: 'custom-reward' }>;
+    expect(note.fallbacks).toBe(2);
+    expect(note.message).toContain('1 timed out, 1 threw');
+    expect(meta?.customReward?.source).toBe(source);
+    expect(await lab.handle('setCustomReward', { spec: null })).toEqual({ name: null });
+    expect(trainer().customReward).toBeNull();
+    await lab.handle('resetRun', {});
+  });
+
+  it('Stop now discards the iteration in flight and leaves the run paused after its last finished iteration; Pause keeps its meaning', async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    await lab.handle('start', { config: { world: 'arithmetic', mode: 'lsp-zero', queriesPerIteration: 1, groupSize: 2 } });
+    const t = trainer();
+    await t.finishStep();
+    await t.inFlight();
+    expect(await lab.handle('stopNow', {})).toEqual({ iteration: 1, discarded: true });
+    expect(t.history).toHaveLength(1);
+    expect(events.filter((e) => e.type === 'iteration-discarded')).toEqual([{ type: 'iteration-discarded', iteration: 1 }]);
+    expect(states(events).slice(-2)).toEqual(['pausing', 'paused']);
+    expect(events.some((e) => e.type === 'error')).toBe(false);
+    expect(meta?.iteration).toBe(1);
+    // Nothing in flight: nothing to discard.
+    expect(await lab.handle('stopNow', {})).toEqual({ iteration: 1, discarded: false });
+    // The run goes on from there; Pause still lets the iteration in flight finish.
+    await lab.handle('resume', {});
+    await t.inFlight();
+    const paused = lab.handle('pause', {});
+    await t.finishStep();
+    expect(await paused).toEqual({ iteration: 2 });
+    expect(events.filter((e) => e.type === 'iteration-discarded')).toHaveLength(1);
+    await lab.handle('resetRun', {});
+  });
+
+  it('chat: the base model without a run, adapter on and off side by side with a run, streamed with a rate; refused with the reason while an iteration runs', async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    const messages = [{ role: 'user' as const, content: 'Say <b>hi</b>' }];
+    await expect(lab.handle('chat', { messages, adapter: 'both', maxTokens: 4 })).rejects.toThrow(/no adapter yet/);
+    const base = await lab.handle('chat', { messages, adapter: 'off', maxTokens: 4 });
+    expect(base.answers.map((a) => a.adapter)).toEqual([false]);
+    const a0 = base.answers[0]!;
+    expect(a0.tokens).toBeGreaterThan(0);
+    expect(a0.tokens).toBeLessThanOrEqual(4);
+    expect(a0.tokensPerSecond).toBeGreaterThan(0);
+    const streamed = events.filter((e): e is Extract<LabEvent, { type: 'chat-token' }> => e.type === 'chat-token' && e.id === base.id);
+    expect(streamed.map((e) => e.delta).join('')).toBe(a0.text);
+    expect(streamed.every((e) => e.tokensPerSecond > 0 && !e.adapter)).toBe(true);
+
+    await lab.handle('start', { config: { world: 'arithmetic', mode: 'lsp-zero', queriesPerIteration: 1, groupSize: 2 } });
+    const t = trainer();
+    await t.inFlight();
+    await expect(lab.handle('chat', { messages, adapter: 'both', maxTokens: 4 })).rejects.toThrow(/An iteration is running on the GPU: pause the run/);
+    await lab.handle('stopNow', {});
+    // A fresh adapter (B = 0) answers as the base model does, greedily; the flag is restored after.
+    t.lora = LoraAdapter.create(gpu, startedWith!.model.weights.config, { r: 2, alpha: 4, targets: ['q_proj'], useRslora: false, seed: 1, baseModel: 'tiny' });
+    t.lora.enabled = false;
+    const both = await lab.handle('chat', { messages, adapter: 'both', maxTokens: 4 });
+    expect(both.answers.map((a) => a.adapter)).toEqual([true, false]);
+    expect(both.answers[0]!.text).toBe(both.answers[1]!.text);
+    expect(both.answers[1]!.text).toBe(a0.text);
+    expect(t.lora.enabled).toBe(false);
+    const sides = new Set(events.filter((e) => e.type === 'chat-token' && e.id === both.id).map((e) => (e as { adapter: boolean }).adapter));
+    expect([...sides]).toEqual([true, false]);
+    t.lora.release();
+    await lab.handle('resetRun', {});
+  });
+
+  it('cancels a model download: the load ends as cancelled, nothing partial is cached, the cached models are kept', async () => {
+    const { lab, events } = make();
+    await lab.handle('check', {});
+    const before = (await lab.handle('listCached', {})).map((c) => c.key);
+    expect(await lab.handle('cancelLoad', {})).toEqual({ cancelled: false });
+    const loading = lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'q4', useCache: true });
+    const outcome = loading.then(
+      () => 'loaded',
+      (e: Error) => e,
+    );
+    await vi.waitFor(() => expect(events.some((e) => e.type === 'load-progress' && e.phase === 'config')).toBe(true), { timeout: 30_000, interval: 1 });
+    expect(await lab.handle('cancelLoad', {})).toEqual({ cancelled: true });
+    const err = await outcome;
+    expect(err).toMatchObject({ name: 'AbortError', message: expect.stringMatching(/cancelled/) });
+    expect((await lab.handle('listCached', {})).map((c) => c.key)).toEqual(before);
+    expect(events.some((e) => e.type === 'model-loaded' && e.info.format === 'q4')).toBe(false);
   });
 
   it('turns a lost device into a message and drops the model', async () => {

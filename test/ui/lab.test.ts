@@ -73,6 +73,8 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     // Start screen: the local folder, its size and memory estimate from the engine's plan.
     await page.getByTestId('pick-local').check();
     await page.getByTestId('local-folder').selectOption('tiny-llama');
+    // Another served folder (micro-arith) may be summarised first: wait for this one's.
+    await page.getByTestId('model-summary').filter({ hasText: 'models/tiny-llama' }).waitFor({ timeout: 30_000 });
     await page.getByTestId('memory-estimate').waitFor({ timeout: 30_000 });
     expect(await text('model-summary')).toContain('models/tiny-llama');
     expect(await text('memory-estimate')).toMatch(/\d+(\.\d+)? (MiB|KiB)/);
@@ -133,19 +135,26 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     expect(await page.getByTestId('game-detail').getByTestId('answer').count()).toBe(2);
     await page.getByTestId('game-detail').screenshot({ path: join(SHOTS, 'game.png') });
 
-    // Export: four files, PEFT adapter keys and shapes as its config implies.
+    // Export: six files (the adapter, its run config and metrics, and the run report), PEFT adapter keys and shapes as its config implies.
     const downloads: Download[] = [];
     const gotAll = new Promise<void>((done) =>
       page.on('download', (d) => {
         downloads.push(d);
-        if (downloads.length === 4) done();
+        if (downloads.length === 6) done();
       }),
     );
     await page.getByTestId('export').click();
     await gotAll;
     const files = new Map<string, Buffer>();
     for (const d of downloads) files.set(d.suggestedFilename(), await readFile((await d.path())!));
-    expect([...files.keys()].sort()).toEqual(['adapter_config.json', 'adapter_model.safetensors', 'metrics.json', 'run_config.json']);
+    expect([...files.keys()].sort()).toEqual(['adapter_config.json', 'adapter_model.safetensors', 'completions.jsonl', 'metrics.csv', 'metrics.json', 'run_config.json']);
+    // The run report: one JSON line per answer (2 iterations x 2 queries x 2 answers here), one CSV row per iteration.
+    const completions = files.get('completions.jsonl')!.toString('utf8').trimEnd().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(completions.map((c) => c.step)).toEqual([0, 0, 0, 0, 1, 1, 1, 1]);
+    for (const c of completions) expect(Object.keys(c)).toEqual(expect.arrayContaining(['prompt', 'completion', 'verifiable', 'reward', 'advantage', 'kl', 'completion_length']));
+    const csv = files.get('metrics.csv')!.toString('utf8').trimEnd().split('\n');
+    expect(csv).toHaveLength(3);
+    expect(csv[0]!.split(',').slice(0, 3)).toEqual(['step', 'time', 'reward']);
     const adapterConfig = JSON.parse(files.get('adapter_config.json')!.toString('utf8'));
     expect(adapterConfig).toMatchObject({ peft_type: 'LORA', task_type: 'CAUSAL_LM', r: 4, lora_alpha: 8, base_model_name_or_path: 'models/tiny-llama' });
     expect([...adapterConfig.target_modules].sort()).toEqual([...LLAMA_PROJECTIONS].sort());

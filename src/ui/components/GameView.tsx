@@ -32,6 +32,9 @@ export function LiveGames() {
       <h2>
         Game {shown >= 0 ? <span data-testid="live-iteration">iteration {shown}</span> : null}
         {runState === 'running' && cur.phase && <span className="phase"> · {PHASES[cur.phase] ?? cur.phase}</span>}
+        {(runState === 'running' || runState === 'pausing') && live.tokensPerSecond() > 0 && (
+          <span className="rate" data-testid="live-rate"> · {live.tokensPerSecond().toFixed(1)} tokens/s</span>
+        )}
       </h2>
       {queryCount === 0 && <p className="hint">Start the run: the Challenger's queries and the Solver's answers appear here as they are written.</p>}
       {Array.from({ length: queryCount }, (_, i) => {

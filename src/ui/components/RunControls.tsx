@@ -30,7 +30,7 @@ export function RunControls() {
       <p data-testid="run-state">
         {s.runState === 'idle' && 'No run yet.'}
         {s.runState === 'running' && 'Running.'}
-        {s.runState === 'pausing' && 'Pausing after this iteration…'}
+        {s.runState === 'pausing' && 'Pausing after this iteration (Stop now ends it at once, discarded)…'}
         {s.runState === 'paused' && (hasRun ? 'Paused.' : 'Ready.')}
         {s.runConfig && ` ${s.runConfig.mode === 'lsp' ? 'LSP' : 'LSP-Zero'}, ${s.runConfig.world} world, N = ${s.runConfig.queriesPerIteration}, G = ${s.runConfig.groupSize}.`}
       </p>
@@ -47,6 +47,15 @@ export function RunControls() {
             Resume
           </button>
         )}
+        <button
+          className="secondary"
+          onClick={() => void actions.stopNow()}
+          disabled={!busy}
+          data-testid="stop-now"
+          title="Stop at once: the iteration in flight is discarded (no update); the run stays at its last finished iteration and checkpoint"
+        >
+          Stop now
+        </button>
         <button onClick={() => void actions.step()} disabled={busy} data-testid="step" title="Play and train exactly one iteration">
           Step one iteration
         </button>

@@ -173,12 +173,13 @@ function ModelPicker() {
           <select value={known} onChange={(e) => (setKind('known'), setKnown(e.target.value))} aria-label="Hugging Face model">
             {KNOWN_MODELS.map((m) => (
               <option key={m.id} value={m.id}>
-                {m.label} ({m.id})
+                {m.label} ({m.id}): {formatBytes(m.downloadBytes)} download, {formatBytes(m.gpuBytes)} GPU
               </option>
             ))}
           </select>
         </label>
         {kind === 'known' && <p className="hint">{KNOWN_MODELS.find((m) => m.id === known)?.note}</p>}
+        {kind === 'known' && <KnownModelTable selected={known} onPick={setKnown} />}
         <label>
           <input type="radio" name="pick" checked={kind === 'hub'} onChange={() => setKind('hub')} /> Any Hugging Face repository:{' '}
           <input
@@ -271,7 +272,37 @@ function ModelPicker() {
   );
 }
 
+/** The known models with what each costs: download size (cached after the first load) and GPU memory of the 4-bit weights. */
+function KnownModelTable({ selected, onPick }: { selected: string; onPick: (id: string) => void }) {
+  return (
+    <table className="models" data-testid="model-table">
+      <thead>
+        <tr>
+          <th scope="col">Model</th>
+          <th scope="col">Weights</th>
+          <th scope="col">Download</th>
+          <th scope="col">GPU memory (weights, 4-bit)</th>
+        </tr>
+      </thead>
+      <tbody>
+        {KNOWN_MODELS.map((m) => (
+          <tr key={m.id} aria-selected={m.id === selected} onClick={() => onPick(m.id)}>
+            <td>
+              {m.label}
+              {m.id === KNOWN_MODELS[0]!.id ? ' (default)' : ''}
+            </td>
+            <td>{m.weights}</td>
+            <td>{formatBytes(m.downloadBytes)}</td>
+            <td>{formatBytes(m.gpuBytes)}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
 export function LoadProgress() {
+  const actions = useActions();
   const { progress, loading } = useLab(useShallow((s) => ({ progress: s.progress, loading: s.loading })));
   if (!loading || !progress) return null;
   const what =
@@ -283,7 +314,9 @@ export function LoadProgress() {
           ? 'Loading the tokenizer'
           : progress.phase === 'config'
             ? 'Reading config.json'
-            : `Downloading and quantizing ${progress.file}`;
+            : /\.onnx(_data)?$/.test(progress.file)
+              ? `Downloading ${progress.file} (4-bit, copied as is)`
+              : `Downloading and quantizing ${progress.file}`;
   const frac = progress.bytesTotal > 0 ? progress.bytesDone / progress.bytesTotal : 0;
   return (
     <div className="progress" data-testid="load-progress" aria-live="polite">
@@ -296,6 +329,9 @@ export function LoadProgress() {
           </p>
         </>
       )}
+      <button type="button" onClick={() => void actions.cancelLoad()} data-testid="cancel-load">
+        Cancel download
+      </button>
     </div>
   );
 }
