@@ -7,7 +7,8 @@
  *
  * Options:
  *   --model PATH|REPO    --format q4|f32      --token HF_TOKEN
- *   --mode lsp|lsp-zero  --world open|arithmetic   --task TEXT  --template TEXT
+ *   --mode lsp|lsp-zero  --world open|arithmetic|freeform-arithmetic   --task TEXT  --template TEXT
+ *   --operators +,-  (free-form arithmetic)  --exam FILE (default: exam.json in the model folder)  --exam-every K
  *   --iterations N       --N queries  --G answers  --max-query T  --max-answer T
  *   --temperature T  --top-p P  --beta B  --kl k1|k3  --kl-placement loss|reward
  *   --alpha-ch A  --aggregation grpo|bnpo|dr_grpo|dapo|seq_sum  --scale none|group
@@ -16,7 +17,9 @@
  *   --verifiable [WEIGHT]  --judge-weight W  --judge-max-tokens T  --max-operand K
  *   --reward-model PATH|REPO [--reward-model-weight W]
  *   --adapter DIR (start from a PEFT adapter)  --run DIR [--name NAME] (checkpoints, resume)
- *   --export DIR (PEFT + config + metrics)  --eval [COUNT] (win rate vs the base model)
+ *   --reward-fn FILE.js [--reward-fn-weight W] [--reward-fn-timeout MS] [--reward-fn-fallback R] [--reward-fn-name NAME]
+ *                        (your own reward: a JavaScript function of (query, answer) returning a number, run sandboxed)
+ *   --export DIR (PEFT + config + metrics, completions.jsonl + metrics.csv)  --eval [COUNT] (win rate vs the base model)
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -27,6 +30,11 @@ import { openModelDir } from '../model/node-source';
 import { hubModelSource, isHubRepoId, type ModelSource } from '../model/source';
 import { loadTokenizer } from '../model/tokenizer';
 import { makeConfig, type DeepPartial, type TrainerConfig } from '../selfplay/config';
+import { parseExam } from '../selfplay/exam';
+import type { ArithOp } from '../selfplay/prompts';
+import { CustomReward, DEFAULT_CUSTOM_REWARD, summarizeFailures } from '../selfplay/custom-reward';
+import { nodeSandbox } from '../selfplay/custom-reward-node';
+import { reportFiles } from '../selfplay/report';
 import { openRunStore } from '../selfplay/node-store';
 import { EVAL_INSTRUCTIONS } from '../selfplay/prompts';
 import { SelfPlayTrainer, type TrainerModels } from '../selfplay/trainer';
@@ -70,6 +78,8 @@ function configFromFlags(f: Map<string, string>): DeepPartial<TrainerConfig> {
     microBatch: num('micro-batch'),
     seed: num('seed'),
     arithmeticMaxOperand: num('max-operand'),
+    arithmeticOperators: f.get('operators')?.split(',').map((x) => x.trim()) as ArithOp[] | undefined,
+    examEvery: num('exam-every'),
     lora: {
       r: num('rank'),
       alpha: num('alpha'),
@@ -86,7 +96,7 @@ function configFromFlags(f: Map<string, string>): DeepPartial<TrainerConfig> {
   return JSON.parse(JSON.stringify(o)) as DeepPartial<TrainerConfig>;
 }
 
-const SHOWN = ['reward', 'challenger/reward', 'kl', 'entropy', 'loss', 'grad_norm', 'completions/mean_length', 'frac_reward_zero_std', 'judge/fallback_count', 'step_skipped', 'time/generate', 'time/reward', 'time/train', 'step_time', 'tokens_per_second'];
+const SHOWN = ['eval/exam_accuracy', 'reward', 'challenger/invalid_ratio', 'reward/custom_fallback_count', 'challenger/reward', 'kl', 'entropy', 'loss', 'grad_norm', 'completions/mean_length', 'frac_reward_zero_std', 'judge/fallback_count', 'step_skipped', 'time/generate', 'time/reward', 'time/train', 'step_time', 'tokens_per_second'];
 
 async function main(): Promise<void> {
   const f = parseFlags(process.argv.slice(2));
@@ -128,6 +138,19 @@ async function main(): Promise<void> {
   trainer.onEvent = (e) => {
     if (e.type === 'skipped') console.log(`  iteration ${e.iteration}: ${e.reason}`);
   };
+  const rewardFn = await customRewardFromFlags(f);
+  if (rewardFn) {
+    trainer.customReward = rewardFn;
+    console.log(`reward "${rewardFn.name}" from ${f.get('reward-fn')} (weight ${rewardFn.weight}, ${rewardFn.spec.timeoutMs} ms per call, fallback ${rewardFn.spec.fallback})`);
+  }
+  const examFile = f.get('exam') ?? (modelPath.startsWith('.') || modelPath.startsWith('/') || modelPath.startsWith('models/') ? join(modelPath, 'exam.json') : undefined);
+  if (examFile && (f.has('exam') || (await readFile(examFile).then(() => true, () => false)))) {
+    trainer.exam = parseExam(JSON.parse(await readFile(examFile, 'utf8')), examFile).problems;
+    if (trainer.config.examEvery > 0 && trainer.iteration === 0) {
+      const base = await trainer.runExam({ adapter: false });
+      console.log(`exam ${examFile}: ${trainer.exam.length} problems, base model greedy accuracy ${fmt(base.accuracy)}; rerun every ${trainer.config.examEvery} iterations`);
+    }
+  }
   const end = trainer.iteration + iterations;
   while (trainer.iteration < end) {
     const m = await trainer.step();
@@ -147,11 +170,41 @@ async function main(): Promise<void> {
   if (out) {
     await mkdir(out, { recursive: true });
     for (const [name, data] of await trainer.exportFiles()) await writeFile(join(out, name), data);
-    console.log(`adapter, run config and metrics written to ${out}`);
+    for (const [name, data] of reportFiles(trainer.games, trainer.history)) await writeFile(join(out, name), data);
+    console.log(`adapter, run config, metrics (metrics.json, metrics.csv) and games (completions.jsonl) written to ${out}`);
   }
   trainer.release();
+  rewardFn?.release();
   loaded.weights.release();
   gpu.destroy();
+}
+
+/** --reward-fn FILE: the user's reward function, compiled in its sandbox (a source that does not load stops here). */
+async function customRewardFromFlags(f: Map<string, string>): Promise<CustomReward | null> {
+  const file = f.get('reward-fn');
+  if (file === undefined) return null;
+  if (file === 'true') throw new Error('--reward-fn needs a file: --reward-fn my-reward.js (a JavaScript function of (query, answer) returning a number)');
+  let source: string;
+  try {
+    source = await readFile(file, 'utf8');
+  } catch (e) {
+    throw new Error(`--reward-fn: cannot read ${file} (${e instanceof Error ? e.message : String(e)})`);
+  }
+  const num = (name: string, dflt: number): number => {
+    const v = f.get(name);
+    if (v === undefined) return dflt;
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new Error(`--${name} must be a number, got ${v}`);
+    return n;
+  };
+  const spec = {
+    name: f.get('reward-fn-name') ?? DEFAULT_CUSTOM_REWARD.name,
+    source,
+    weight: num('reward-fn-weight', DEFAULT_CUSTOM_REWARD.weight),
+    timeoutMs: num('reward-fn-timeout', DEFAULT_CUSTOM_REWARD.timeoutMs),
+    fallback: num('reward-fn-fallback', DEFAULT_CUSTOM_REWARD.fallback),
+  };
+  return CustomReward.create(spec, nodeSandbox, (failures) => console.log(`  ${summarizeFailures(spec.name, failures, spec.fallback)}`));
 }
 
 function fmt(v: number): string {

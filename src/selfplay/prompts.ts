@@ -196,3 +196,56 @@ export const EVAL_INSTRUCTIONS: readonly string[] = [
   'Explain the rule of thirds in photography in a few sentences.',
   'What is the capital of Australia, and why is it not Sydney?',
 ];
+
+// ---------------------------------------------------------------------------------
+// The free-form arithmetic world: the Challenger writes a problem as text, code checks it
+
+export interface ArithmeticWorldSettings {
+  /** Operands run from 0 to this. */
+  maxOperand: number;
+  /** Operators a problem may use. */
+  operators: readonly ArithOp[];
+}
+
+const OP_NAMES: Record<ArithOp, string> = { '+': 'addition', '-': 'subtraction', '*': 'multiplication', '/': 'division' };
+
+/**
+ * The free-form world's challenger prompt, plain English so that an Instruct model can
+ * follow it. scripts/train-micro.py pretrains micro-arith on this exact text for "+"
+ * and 0..99.
+ */
+export function arithmeticChallengerText(s: ArithmeticWorldSettings): string {
+  const kind = s.operators.length === 1 ? `${OP_NAMES[s.operators[0]!]} problem` : `arithmetic problem using ${s.operators.join(' or ')}`;
+  return `Write one ${kind} with two whole numbers from 0 to ${s.maxOperand}.`;
+}
+
+export function arithmeticChallengerMessages(s: ArithmeticWorldSettings): ChatMessage[] {
+  return [{ role: 'user', content: arithmeticChallengerText(s) }];
+}
+
+export type ProblemCheck = { ok: true; problem: ArithmeticProblem } | { ok: false; reason: string };
+
+/**
+ * Reads the problem a Challenger wrote: the last "a op b" in the text (as
+ * parseArithmeticQuery), whose operator must be allowed and whose operands must be whole
+ * numbers from 0 to maxOperand.
+ */
+export function checkArithmeticProblem(text: string, s: ArithmeticWorldSettings): ProblemCheck {
+  const p = parseArithmeticQuery(text);
+  if (!p) return { ok: false, reason: 'no problem of the form "a op b" with whole numbers' };
+  if (!s.operators.includes(p.op)) return { ok: false, reason: `operator ${p.op} is not allowed (allowed: ${s.operators.join(' ')})` };
+  for (const v of [p.a, p.b]) if (v < 0 || v > s.maxOperand) return { ok: false, reason: `operand ${v} is outside 0..${s.maxOperand}` };
+  return { ok: true, problem: p };
+}
+
+/**
+ * The free-form world's verifiable reward: 1 when the answer's last number equals the
+ * result, else 0. An unreadable or out-of-range problem is invalid: every answer to it
+ * gets 1, so its value V is the highest possible and the Challenger's reward -V the
+ * lowest (the penalty), while the Solver's advantages on it are all zero.
+ */
+export function arithmeticWorldReward(query: string, answer: string, s: ArithmeticWorldSettings): VerifiableResult {
+  const c = checkArithmeticProblem(query, s);
+  if (!c.ok) return { valid: false, reward: 1 };
+  return { valid: true, reward: parseFinalNumber(answer) === c.problem.result ? 1 : 0 };
+}

@@ -31,15 +31,19 @@ import type { LoadedModel } from '../model/load';
 import { LoraAdapter, type LoraOptimizerState, type PeftInput } from '../model/lora';
 import type { ChatTokenizer } from '../model/tokenizer';
 import { computeAdvantages, mean, stdUnbiased, type RewardSource } from './advantages';
+import type { RewardHook } from './custom-reward';
 import { chunks, completionBatch, type Completion } from './batch';
 import { makeConfig, validateConfig, type TrainerConfig } from './config';
+import { runExam as answerExam, type ExamProblem, type ExamResult } from './exam';
 import { judgeMessages, resolveJudgeScore, type ChatMessage } from './judge';
 import { klSequence } from './kl';
 import { aggregationCoefficients, sequenceTerms } from './losses';
 import {
   EVAL_INSTRUCTIONS,
+  arithmeticChallengerMessages,
   arithmeticChallengerPrompt,
   arithmeticQuery,
+  arithmeticWorldReward,
   challengerMessages,
   numberTokenIds,
   pairScore,
@@ -140,6 +144,10 @@ export class SelfPlayTrainer {
   private consecutiveSkips = 0;
   private numberIds: number[] | null = null;
   private released = false;
+  /** The user's own reward (custom-reward.ts), a game reward scored in its sandbox; null for none. Not saved with the run. */
+  customReward: RewardHook | null = null;
+  /** The held-out exam (exam.ts), run every config.examEvery iterations as eval/exam_accuracy; never trained on. Not saved with the run. */
+  exam: ExamProblem[] | null = null;
 
   private constructor(
     readonly models: TrainerModels,
@@ -229,9 +237,16 @@ export class SelfPlayTrainer {
     return this.numberIds;
   }
 
-  /** Plays one iteration and applies one update; returns its metrics. */
-  async step(): Promise<IterationMetrics> {
+  /**
+   * Plays one iteration and applies one update; returns its metrics. An abort of
+   * `opts.signal` (Stop now) ends the iteration within one decode step (or one training
+   * micro-batch), throwing the signal's reason; the iteration is discarded, and the adapter,
+   * optimizer, games and metrics stay exactly as they were before it.
+   */
+  async step(opts: { signal?: AbortSignal } = {}): Promise<IterationMetrics> {
     if (this.released) throw new TrainerError('the trainer was released');
+    const abortCheck = () => opts.signal?.throwIfAborted();
+    abortCheck();
     const { gpu, model, tokenizer } = this.models;
     const w = model.weights;
     const c = this.config;
@@ -239,6 +254,8 @@ export class SelfPlayTrainer {
     const N = c.queriesPerIteration;
     const G = c.groupSize;
     const arith = c.world === 'arithmetic';
+    const free = c.world === 'freeform-arithmetic';
+    const worldSettings = { maxOperand: c.arithmeticMaxOperand, operators: c.arithmeticOperators };
     const t0 = performance.now();
     gpu.pool.resetPeaks();
     this.lora.enabled = true;
@@ -258,18 +275,18 @@ export class SelfPlayTrainer {
       const s = stream('challenger', N, 1);
       const gen = await generate(gpu, w, this.lora, {
         prompt: cpPrompt, G: N, maxNewTokens: 2, temperature: c.temperature, topP: c.topP, seed: deriveSeed(c.seed, it, ROLE.challenger),
-        stopTokens: [], allowedTokens: nums.slice(0, c.arithmeticMaxOperand + 1), onToken: (row, id) => s.push(row, id),
+        stopTokens: [], allowedTokens: nums.slice(0, c.arithmeticMaxOperand + 1), onToken: (row, id) => (abortCheck(), s.push(row, id)),
       });
       queries = gen.answers.map((a) => {
         const [x, y] = a.tokens.map((id) => nums.indexOf(id));
         return { text: arithmeticQuery(x!, y!), tokens: a.tokens, finishReason: a.finishReason };
       });
     } else {
-      cpPrompt = this.chat(challengerMessages(c.task, c.template));
+      cpPrompt = this.chat(free ? arithmeticChallengerMessages(worldSettings) : challengerMessages(c.task, c.template));
       const s = stream('challenger', N, 1);
       const gen = await generate(gpu, w, this.lora, {
         prompt: cpPrompt, G: N, maxNewTokens: c.maxQueryTokens, temperature: c.temperature, topP: c.topP, seed: deriveSeed(c.seed, it, ROLE.challenger),
-        stopTokens: eos, onToken: (row, id) => s.push(row, id),
+        stopTokens: eos, onToken: (row, id) => (abortCheck(), s.push(row, id)),
       });
       queries = gen.answers.map((a) => ({ text: this.decode(a.tokens).trim(), tokens: a.tokens, finishReason: a.finishReason }));
     }
@@ -282,7 +299,7 @@ export class SelfPlayTrainer {
     const genS = await generate(gpu, w, this.lora, {
       prompt: solverPrompts, G, maxNewTokens: arith ? 1 : c.maxAnswerTokens, temperature: c.temperature, topP: c.topP,
       seed: deriveSeed(c.seed, it, ROLE.solver), stopTokens: arith ? [] : eos, allowedTokens: arith ? this.numberTokens() : undefined,
-      onToken: (row, id) => ss.push(row, id),
+      onToken: (row, id) => (abortCheck(), ss.push(row, id)),
     });
     const answerTexts = genS.answers.map((a) => this.decode(a.tokens).trim());
     const tGen = performance.now();
@@ -291,10 +308,18 @@ export class SelfPlayTrainer {
     const sources: RewardSource[] = [];
     const grid = <T>(f: (i: number, j: number) => T): T[][] => Array.from({ length: N }, (_, i) => Array.from({ length: G }, (_, j) => f(i, j)));
     let queryValid: (boolean | null)[] = queries.map(() => null);
-    if (arith || c.rewards.verifiable.enabled) {
-      const res = grid((i, j) => verifiableReward(queries[i]!.text, answerTexts[i * G + j]!));
+    if (arith || free || c.rewards.verifiable.enabled) {
+      const check = free ? (q: string, a: string) => arithmeticWorldReward(q, a, worldSettings) : verifiableReward;
+      const res = grid((i, j) => check(queries[i]!.text, answerTexts[i * G + j]!));
       queryValid = res.map((row) => row[0]!.valid);
       sources.push({ name: 'verifiable', kind: 'game', weight: c.rewards.verifiable.weight, rewards: res.map((row) => row.map((r) => r.reward)) });
+    }
+    let customFallbacks = 0;
+    if (this.customReward) {
+      const cr = this.customReward;
+      const scored = await cr.score(queries.map((q) => q.text), grid((i, j) => answerTexts[i * G + j]!), opts.signal);
+      customFallbacks = scored.fallbacks;
+      sources.push({ name: cr.name, kind: 'game', weight: cr.weight, rewards: scored.rewards });
     }
     if (c.rewards.rewardModel.enabled) {
       this.phase('reward_model');
@@ -312,7 +337,7 @@ export class SelfPlayTrainer {
       try {
         gen = await generate(gpu, w, this.lora, {
           prompt: prompts, G: 1, maxNewTokens: c.rewards.judge.maxTokens, temperature: c.rewards.judge.temperature,
-          seed: deriveSeed(c.seed, it, ROLE.judge), stopTokens: eos, onToken: (row, id) => js.push(row, id),
+          seed: deriveSeed(c.seed, it, ROLE.judge), stopTokens: eos, onToken: (row, id) => (abortCheck(), js.push(row, id)),
         });
       } finally {
         this.lora.enabled = true;
@@ -329,6 +354,7 @@ export class SelfPlayTrainer {
     const tReward = performance.now();
 
     // 4. Reference log-probs, 5. training
+    abortCheck();
     this.phase('scoring');
     gpu.pool.trim();
     const answerSeqs: Completion[] = genS.answers.map((a, r) => ({ prompt: solverPrompts[Math.floor(r / G)]!, completion: a.tokens }));
@@ -367,6 +393,8 @@ export class SelfPlayTrainer {
     let nonFinite: string | null = null;
     this.lora.zeroGrad();
     for (const [gi, g] of groups.entries()) {
+      if (opts.signal?.aborted) this.lora.zeroGrad();
+      abortCheck();
       const { batch, rows, flat } = batches[gi]!;
       if (flat.length === 0) {
         g.forEach((k) => (polLogp[k] = new Float32Array(0)));
@@ -413,6 +441,8 @@ export class SelfPlayTrainer {
     }
     let gradNorm = NaN;
     let clipCoef = NaN;
+    if (opts.signal?.aborted) this.lora.zeroGrad();
+    abortCheck();
     if (!nonFinite) {
       const report = await this.lora.step({ lr: c.lr, weightDecay: c.weightDecay, maxGradNorm: c.maxGradNorm }).read();
       gradNorm = report.gradNorm;
@@ -488,6 +518,7 @@ export class SelfPlayTrainer {
       learning_rate: c.lr,
       step_skipped: nonFinite ? 1 : 0,
       'judge/fallback_count': fallbacks,
+      ...(this.customReward ? { 'reward/custom_fallback_count': customFallbacks } : {}),
       'time/generate': (tGen - t0) / 1000,
       'time/reward': (tReward - tGen) / 1000,
       'time/train': (tTrain - tReward) / 1000,
@@ -495,6 +526,8 @@ export class SelfPlayTrainer {
       tokens_per_second: totalTokens / ((tTrain - t0) / 1000),
       'gpu/peak_mib': gpu.stats().peakAllocatedBytes / 2 ** 20,
     };
+    if (queryValid.some((v) => v !== null)) values['challenger/invalid_ratio'] = queryValid.filter((v) => v === false).length / N;
+    if (this.exam && c.examEvery > 0 && (it + 1) % c.examEvery === 0) values['eval/exam_accuracy'] = (await this.runExam()).accuracy;
     for (const s of adv.perSource) {
       values[`rewards/${s.name}/mean`] = s.mean;
       values[`rewards/${s.name}/std`] = s.std;
@@ -519,6 +552,19 @@ export class SelfPlayTrainer {
       );
     }
     return metrics;
+  }
+
+  /** Greedy answers to the run's exam by the policy (adapter on, default) or the base model, graded by code. */
+  async runExam(opts: { adapter?: boolean } = {}): Promise<ExamResult> {
+    if (!this.exam) throw new TrainerError('this run has no exam; load one (an exam.json) first');
+    const { gpu, model, tokenizer } = this.models;
+    const before = this.lora.enabled;
+    this.lora.enabled = opts.adapter ?? true;
+    try {
+      return await answerExam(gpu, model.weights, this.lora, tokenizer, this.exam, { maxTokens: this.config.maxAnswerTokens });
+    } finally {
+      this.lora.enabled = before;
+    }
   }
 
   private async rewardModelScores(queries: Query[], answers: string[]): Promise<number[][]> {

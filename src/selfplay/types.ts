@@ -77,6 +77,10 @@ export const METRIC_NAMES = [
   'learning_rate',
   'step_skipped',
   'judge/fallback_count',
+  /** Share of the Challenger's queries the verifiable reward could not read (or out of range). */
+  'challenger/invalid_ratio',
+  /** Greedy exact-match accuracy on the held-out exam (only on iterations the exam runs). */
+  'eval/exam_accuracy',
   'step_time',
   'time/generate',
   'time/reward',

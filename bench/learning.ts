@@ -1,0 +1,92 @@
+/**
+ * Learning benchmark (not in CI): LSP-Zero with the verifiable reward in the free-form
+ * arithmetic world on models/micro-arith, over several seeds.
+ *
+ *   node scripts/webgpu-env.mjs npx tsx bench/learning.ts [--seeds 0,1,2,3,4] [--iterations 30]
+ *        [--exam-every 5] [--exam-size 240] [--N 32] [--G 8] [--lr 0.003] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
+ *        [--max-answer 6] [--adv-scale group|none] [--aggregation grpo|bnpo|dr_grpo|dapo|seq_sum] [--rank 16 [--alpha 32]]
+ *        [--out out/bench-learning.json]
+ *
+ * Unset flags take the micro demo preset's values (microDemoConfig). Runs fastest on
+ * lavapipe (WEBGPU_ADAPTER=lavapipe), several times faster than SwiftShader here.
+ *
+ * Prints per seed the base and final greedy exam accuracy and the gain, then the mean
+ * gain and its spread (sample standard deviation over seeds). Writes every seed's curve
+ * (exam accuracy and reward per iteration) to --out, which scripts/plot-learning.mjs
+ * draws. The exam never feeds training.
+ */
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { acquireNodeGpu } from '../src/gpu/node';
+import { loadLlama } from '../src/model/load';
+import { openModelDir } from '../src/model/node-source';
+import { loadTokenizer } from '../src/model/tokenizer';
+import { mean, stdUnbiased } from '../src/selfplay/advantages';
+import { parseExam } from '../src/selfplay/exam';
+import { SelfPlayTrainer } from '../src/selfplay/trainer';
+import { parseFlags } from '../src/cli/flags';
+import { microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
+
+const DIR = 'models/micro-arith';
+
+async function main(): Promise<void> {
+  const f = parseFlags(process.argv.slice(2));
+  const seeds = (f.get('seeds') ?? '0,1,2,3,4').split(',').map(Number);
+  const iterations = Number(f.get('iterations') ?? 30);
+  const examEvery = Number(f.get('exam-every') ?? 5);
+  const examSize = Number(f.get('exam-size') ?? 240);
+  const out = f.get('out') ?? 'out/bench-learning.json';
+  await mkdir(dirname(out), { recursive: true });
+  const exam = parseExam(JSON.parse(readFileSync(join(DIR, 'exam.json'), 'utf8'))).problems.slice(0, examSize);
+  const gpu = await acquireNodeGpu();
+  console.log(`adapter: ${gpu.caps.adapterName}`);
+  const model = await loadLlama(gpu, await openModelDir(DIR), { format: 'f32' });
+  const tokenizer = await loadTokenizer(model.files);
+  const runs: { seed: number; base: number; final: number; curve: { iteration: number; reward: number; examAccuracy?: number }[] }[] = [];
+  for (const seed of seeds) {
+    const config = microDemoConfig({
+      seed,
+      examEvery,
+      ...(f.has('N') ? { queriesPerIteration: Number(f.get('N')) } : {}),
+      ...(f.has('G') ? { groupSize: Number(f.get('G')) } : {}),
+      ...(f.has('lr') ? { lr: Number(f.get('lr')) } : {}),
+      ...(f.has('alpha-ch') ? { alphaCh: Number(f.get('alpha-ch')) } : {}),
+      ...(f.has('beta') ? { beta: Number(f.get('beta')) } : {}),
+      ...(f.has('temperature') ? { temperature: Number(f.get('temperature')) } : {}),
+      ...(f.has('max-answer') ? { maxAnswerTokens: Number(f.get('max-answer')) } : {}),
+      ...(f.has('adv-scale') ? { advantageScale: f.get('adv-scale') as 'none' | 'group' } : {}),
+      ...(f.has('aggregation') ? { aggregation: f.get('aggregation') as TrainerConfig['aggregation'] } : {}),
+      ...(f.has('rank') ? { lora: { r: Number(f.get('rank')), alpha: Number(f.get('alpha') ?? 2 * Number(f.get('rank'))) } } : {}),
+    });
+    const trainer = SelfPlayTrainer.start({ gpu, model, tokenizer }, config);
+    trainer.exam = exam;
+    const base = (await trainer.runExam({ adapter: false })).accuracy;
+    const curve: (typeof runs)[number]['curve'] = [{ iteration: 0, reward: NaN, examAccuracy: base }];
+    const t0 = performance.now();
+    for (let i = 0; i < iterations; i++) {
+      const m = await trainer.step();
+      curve.push({ iteration: m.iteration + 1, reward: m.values.reward!, examAccuracy: m.values['eval/exam_accuracy'] });
+      const e = m.values['eval/exam_accuracy'];
+      await writeFile(out, JSON.stringify({ model: DIR, examSize: exam.length, iterations, examEvery, config, runs: [...runs, { seed, base, final: NaN, curve }] }, null, 1) + '\n');
+      console.log(`seed ${seed} iteration ${m.iteration}: reward ${m.values.reward!.toFixed(3)}, invalid ${m.values['challenger/invalid_ratio']!.toFixed(3)}` + (e !== undefined ? `, exam ${e.toFixed(3)}` : '') + `, kl ${m.values.kl!.toFixed(4)}, gen ${m.values['time/generate']!.toFixed(1)} s, train ${m.values['time/train']!.toFixed(1)} s, ${m.values.step_time!.toFixed(1)} s`);
+    }
+    const final = iterations % examEvery === 0 ? curve[curve.length - 1]!.examAccuracy! : (await trainer.runExam()).accuracy;
+    console.log(`seed ${seed}: base ${base.toFixed(3)} -> final ${final.toFixed(3)} (gain ${(final - base).toFixed(3)}) in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+    runs.push({ seed, base, final, curve });
+    trainer.release();
+    await writeFile(out, JSON.stringify({ model: DIR, examSize: exam.length, iterations, examEvery, config, runs }, null, 1) + '\n');
+  }
+  const gains = runs.map((r) => r.final - r.base);
+  console.log('seed  base   final  gain');
+  for (const r of runs) console.log(`${String(r.seed).padEnd(5)} ${r.base.toFixed(3)}  ${r.final.toFixed(3)}  ${(r.final - r.base).toFixed(3)}`);
+  const spread = gains.length > 1 ? stdUnbiased(gains) : NaN;
+  console.log(`mean gain ${mean(gains).toFixed(3)}, spread (std over ${gains.length} seeds) ${spread.toFixed(3)}; a CI bound must be <= mean - 3 * spread = ${(mean(gains) - 3 * spread).toFixed(3)}`);
+  model.weights.release();
+  gpu.destroy();
+}
+
+main().catch((e: unknown) => {
+  console.error(e instanceof Error ? e.message : e);
+  process.exit(1);
+});
