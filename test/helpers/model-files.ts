@@ -2,6 +2,7 @@
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FormatError, parseJsonInput } from '../../src/formats/errors';
+import { parseLlamaConfig } from '../../src/formats/llama-config';
 import { MemorySource, f32ToBf16, writeSafetensors, type SafetensorsDType, type TensorToWrite } from '../../src/formats/safetensors';
 import type { Gpu } from '../../src/gpu/gpu';
 import type { FrozenLinear } from '../../src/kernels/linear';
@@ -11,6 +12,30 @@ import { Rng } from './numeric';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const TINY_DIR = join(ROOT, 'models', 'tiny-llama');
+
+/** Llama-3.2-3B-Instruct's config.json fields (formats.md). */
+export const CONFIG_3B = parseLlamaConfig(
+  {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: 3072,
+    intermediate_size: 8192,
+    num_hidden_layers: 28,
+    num_attention_heads: 24,
+    num_key_value_heads: 8,
+    head_dim: 128,
+    vocab_size: 128256,
+    max_position_embeddings: 131072,
+    rope_theta: 500000,
+    rope_scaling: { rope_type: 'llama3', factor: 32, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+    rms_norm_eps: 1e-5,
+    tie_word_embeddings: true,
+    bos_token_id: 128000,
+    eos_token_id: [128001, 128008, 128009],
+    torch_dtype: 'bfloat16',
+  },
+  'config.json',
+);
 
 /** Every call a source received, and the largest single read it answered. */
 export interface SourceLog {

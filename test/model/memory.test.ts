@@ -4,7 +4,7 @@
  * are printed.
  */
 import { describe, expect, it } from 'vitest';
-import { parseLlamaConfig } from '../../src/formats/llama-config';
+import { LLAMA_PROJECTIONS } from '../../src/formats/peft';
 import { q4Bytes } from '../../src/kernels/q4-layout';
 import { generate } from '../../src/model/generate';
 import { defaultKvDtype } from '../../src/model/infer';
@@ -14,34 +14,11 @@ import { LoraAdapter } from '../../src/model/lora';
 import { formatMemoryPlan, planMemory, type RunShape } from '../../src/model/memory';
 import { openModelDir } from '../../src/model/node-source';
 import { useGpu } from '../helpers/gpu';
-import { TINY_DIR, memorySource, syntheticModel } from '../helpers/model-files';
+import { CONFIG_3B, TINY_DIR, memorySource, syntheticModel } from '../helpers/model-files';
 
 const GiB = 2 ** 30;
-const ALL = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
+const ALL = LLAMA_PROJECTIONS;
 
-/** Llama-3.2-3B-Instruct's config.json fields (formats.md). */
-const CONFIG_3B = parseLlamaConfig(
-  {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    hidden_size: 3072,
-    intermediate_size: 8192,
-    num_hidden_layers: 28,
-    num_attention_heads: 24,
-    num_key_value_heads: 8,
-    head_dim: 128,
-    vocab_size: 128256,
-    max_position_embeddings: 131072,
-    rope_theta: 500000,
-    rope_scaling: { rope_type: 'llama3', factor: 32, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
-    rms_norm_eps: 1e-5,
-    tie_word_embeddings: true,
-    bos_token_id: 128000,
-    eos_token_id: [128001, 128008, 128009],
-    torch_dtype: 'bfloat16',
-  },
-  'config.json',
-);
 
 const RUN_3B: RunShape = {
   format: 'q4',
