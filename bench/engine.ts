@@ -10,6 +10,7 @@
  *
  * Options: --prompt-tokens P (256)  --new-tokens N (32)  --G (8)  --train-tokens (512)
  *          --rank R (16)  --layers/--hidden/--intermediate/--heads/--kv-heads/--vocab
+ *          --unpacked (keep q/k/v and gate/up as separate weights, see src/model/pack.ts)
  *
  * `--record-only` runs the real decode loop (decodeStep, sampling, the step's
  * readback) against a recording-only device (src/gpu/record.ts: no GPU work, buffers
@@ -32,6 +33,7 @@ import { generate } from '../src/model/generate';
 import { KvCache, decodeStep, prefillShared } from '../src/model/infer';
 import { sequenceLogprobs } from '../src/model/llama';
 import { LoraAdapter } from '../src/model/lora';
+import { packDecodeProjections } from '../src/model/pack';
 import type { LayerWeights, LlamaWeights } from '../src/model/weights';
 import { copyBandwidth, parseFlags, printTable, randomQ4 } from './harness';
 
@@ -131,7 +133,8 @@ function randomWeights(gpu: Gpu, config: LlamaConfig, makeQ4: (gpu: Gpu, M: numb
     invFreq,
     bytes: buffers.reduce((s, t) => s + t.buffer.size, 0),
     release() {
-      q4s.forEach(releaseQ4);
+      // packDecodeProjections may have released (and replaced) some of these already.
+      for (const q of q4s) if (!q.shards[0]!.qweight.isReleased) releaseQ4(q);
       norms.forEach((t) => t.release());
       invFreq.release();
     },
@@ -163,6 +166,9 @@ async function recordOnly(config: LlamaConfig, flags: Map<string, string>): Prom
   const c = config;
   console.log(`recording-only device (no GPU work): ${c.numLayers} layers, hidden ${c.hiddenSize}, mlp ${c.intermediateSize}, heads ${c.numHeads}/${c.numKvHeads}x${c.headDim}, vocab ${c.vocabSize}; ${P}-token shared prompt, LoRA r=${rank} on all projections, f32 KV cache, ${tokens} tokens timed after ${WARMUP_STEPS} warm-up steps; host ms is this process's CPU time`);
   const w = randomWeights(gpu, config, emptyQ4);
+  // As the loaders should: q/k/v and gate/up each in one 4-bit weight (--unpacked keeps them apart).
+  const packedGroups = flags.has('unpacked') ? 0 : packDecodeProjections(gpu, w);
+  console.log(`projection groups packed for the fused decode GEMVs: ${packedGroups} (maxStorageBuffersPerShaderStage ${gpu.caps.maxStorageBuffersPerShaderStage})`);
   const lora = LoraAdapter.create(gpu, config, { r: rank, alpha: 2 * rank, targets: LLAMA_PROJECTIONS, seed: 1 });
   const { hiddenSize: C, numLayers: L, numKvHeads: HK, headDim: D } = config;
   // w.bytes holds the tied embedding once: the LM head reads all of it, the embedding B rows more.
@@ -233,6 +239,7 @@ async function main(): Promise<void> {
   console.log(`model: ${c.numLayers} layers, hidden ${c.hiddenSize}, mlp ${c.intermediateSize}, heads ${c.numHeads}/${c.numKvHeads}x${c.headDim}, vocab ${c.vocabSize}, random 4-bit weights`);
   const copy = await copyBandwidth(gpu, Math.min(256 * 2 ** 20, gpu.caps.maxStorageBufferBindingSize), { warmup: 1, iters: 5, reps: 3, budgetMs: 2000 });
   const w = randomWeights(gpu, config);
+  if (!flags.has('unpacked')) packDecodeProjections(gpu, w);
   const lora = LoraAdapter.create(gpu, config, { r: rank, alpha: 2 * rank, targets: LLAMA_PROJECTIONS, seed: 1 });
   gpu.pool.trim(); // drop the copy test's freed buffers so the peak counts only this run
   gpu.pool.resetPeaks();

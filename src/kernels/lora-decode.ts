@@ -14,6 +14,7 @@
  */
 import type { Gpu } from '../gpu/gpu';
 import { uniforms } from '../gpu/params';
+import type { KernelSource } from '../gpu/pipelines';
 import type { Tensor } from '../gpu/tensor';
 import { rowsForward } from './smallk';
 import { ceilDiv, kernelCache } from './wgsl';
@@ -26,17 +27,22 @@ const NB = 8;
 
 const DOWN_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0: 'f32', scale1: 'f32', scale2: 'f32' });
 
-const downKernel = kernelCache((nA: number) => {
+/** packed: one output u [nA, N, R] (bindings x, u, a0..); else u_p [N, R] each (x, u0, a0, u1, a1, ..). */
+const downKernel = kernelCache((nA: number, packed = false) => {
   const ps = Array.from({ length: nA }, (_, p) => p);
-  const bind = ps
-    .map(
-      (p) => `@group(0) @binding(${2 + 2 * p}) var<storage, read_write> u${p}: array<f32>;  // [N, R]
+  const bind = packed
+    ? `@group(0) @binding(2) var<storage, read_write> u: array<f32>;  // [nA, N, R]
+${ps.map((p) => `@group(0) @binding(${3 + p}) var<storage, read> a${p}: array<f32>;        // [R, K]`).join('\n')}`
+    : ps
+        .map(
+          (p) => `@group(0) @binding(${2 + 2 * p}) var<storage, read_write> u${p}: array<f32>;  // [N, R]
 @group(0) @binding(${3 + 2 * p}) var<storage, read> a${p}: array<f32>;        // [R, K]`,
-    )
-    .join('\n');
+        )
+        .join('\n');
+  const store = (q: number) => (packed ? `u[(${q}u * p.N + n) * p.R + r] = p.scale${q} * v;` : `u${q}[n * p.R + r] = p.scale${q} * v;`);
   const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
   return {
-    label: `lora_down_x${nA}`,
+    label: `lora_down_x${nA}${packed ? ' packed' : ''}`,
     code: /* wgsl */ `
 ${DOWN_UNIFORMS.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
@@ -66,7 +72,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
   if (lid < nEnd - n0) {
     let n = n0 + lid;
     let v = red[lid * ${WG}u];
-    ${pick((q) => `u${q}[n * p.R + r] = p.scale${q} * v;`)}
+    ${pick(store)}
   }
 }`,
   };
@@ -104,4 +110,118 @@ export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: rea
   // Released last-first, so the pool hands the same buffers back in the same order next
   // step and the cached bind groups still match.
   for (const u of us.reverse()) u.release();
+}
+
+// Decode-step kernels by projection count, looked up without kernelCache's string key.
+const packedDown: KernelSource[] = [];
+const normDown: KernelSource[] = [];
+
+/**
+ * u [terms.length, N, R] = scale_p * x A_p^T for 1..3 projections sharing x [N, K], all
+ * of rank R, in one dispatch: the A half of LoRA for a GEMV whose epilogue adds the
+ * B half (q4-fused.ts). The caller releases u.
+ */
+export function loraDownProducts(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly { A: Tensor; scale: number }[]): Tensor {
+  if (terms.length === 0 || terms.length > 3) throw new Error(`loraDownProducts: 1..3 projections share one dispatch, got ${terms.length}`);
+  if (N < 1 || N > LORA_BATCHED_MAX_N) throw new Error(`loraDownProducts: serves 1..${LORA_BATCHED_MAX_N} rows, got ${N}`);
+  const R = terms[0]!.A.shape[0]!;
+  for (const t of terms) {
+    if (t.A.shape[0] !== R || t.A.size !== R * K) throw new Error(`loraDownProducts: A ${t.A} is not [${R}, ${K}] (projections sharing a dispatch need one rank)`);
+  }
+  if (x.size < N * K) throw new Error(`loraDownProducts: x ${x} is smaller than [${N}, ${K}]`);
+  const u = gpu.empty([terms.length, N, R], 'f32', 'lora-u');
+  const params = DOWN_UNIFORMS.params({ N, K, R, scale0: terms[0]!.scale, scale1: terms[1]?.scale ?? 0, scale2: terms[2]?.scale ?? 0 });
+  const bindings: Tensor[] = [x, u];
+  for (const t of terms) bindings.push(t.A);
+  gpu.dispatch((packedDown[terms.length] ??= downKernel(terms.length, true)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
+  return u;
+}
+
+const NORM_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0: 'f32', scale1: 'f32', scale2: 'f32', eps: 'f32' });
+
+/**
+ * RMSNorm and the A products in one kernel: each workgroup normalises its NB input
+ * rows itself (h = w * (x * rstd), rstd = 1/sqrt(mean x^2 + eps), rmsnorm.ts's
+ * expression) and reduces h against its A row; the workgroups of A row 0 also store h
+ * for the projection GEMV that follows.
+ */
+const normDownKernel = kernelCache((nA: number) => {
+  const ps = Array.from({ length: nA }, (_, p) => p);
+  const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
+  const reduce = `workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
+    }
+    workgroupBarrier();
+  }`;
+  return {
+    label: `lora_norm_down_x${nA}`,
+    code: /* wgsl */ `
+${NORM_UNIFORMS.wgsl}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;          // [N, K] (before the norm)
+@group(0) @binding(2) var<storage, read> nw: array<f32>;         // [K] norm weight
+@group(0) @binding(3) var<storage, read_write> h: array<f32>;    // [N, K] normed
+@group(0) @binding(4) var<storage, read_write> u: array<f32>;    // [nA, N, R]
+${ps.map((p) => `@group(0) @binding(${5 + p}) var<storage, read> a${p}: array<f32>;        // [R, K]`).join('\n')}
+var<workgroup> red: array<f32, ${NB * WG}>;
+var<workgroup> rs: array<f32, ${NB}>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let proj = wid.x / p.R;
+  let r = wid.x % p.R;
+  let n0 = wid.y * ${NB}u;
+  let nEnd = min(n0 + ${NB}u, p.N);
+  var ss: array<f32, ${NB}>;
+  for (var k = lid; k < p.K; k += ${WG}u) {
+    for (var n = n0; n < nEnd; n++) { let v = x[n * p.K + k]; ss[n - n0] += v * v; }
+  }
+  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = ss[i]; }
+  ${reduce}
+  if (lid < ${NB}u) { rs[lid] = inverseSqrt(red[lid * ${WG}u] / f32(p.K) + p.eps); }
+  workgroupBarrier();
+  let store = wid.x == 0u;
+  var acc: array<f32, ${NB}>;
+  for (var k = lid; k < p.K; k += ${WG}u) {
+    var a = 0.0;
+    ${pick((q) => `a = a${q}[r * p.K + k];`)}
+    let wk = nw[k];
+    for (var n = n0; n < nEnd; n++) {
+      let hv = wk * (x[n * p.K + k] * rs[n - n0]);
+      if (store) { h[n * p.K + k] = hv; }
+      acc[n - n0] += hv * a;
+    }
+  }
+  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
+  ${reduce}
+  if (lid < nEnd - n0) {
+    let n = n0 + lid;
+    let v = red[lid * ${WG}u];
+    ${pick((q) => `u[(${q}u * p.N + n) * p.R + r] = p.scale${q} * v;`)}
+  }
+}`,
+  };
+});
+
+/**
+ * h [N, K] = rmsnorm(x) with weight normW, and u [terms.length, N, R] = scale_p h A_p^T,
+ * in one dispatch (the norm before q/k/v or gate/up, fused with their LoRA A half).
+ * The caller releases u.
+ */
+export function loraNormDownProducts(gpu: Gpu, h: Tensor, x: Tensor, normW: Tensor, eps: number, N: number, K: number, terms: readonly { A: Tensor; scale: number }[]): Tensor {
+  if (terms.length === 0 || terms.length > 3) throw new Error(`loraNormDownProducts: 1..3 projections share one dispatch, got ${terms.length}`);
+  if (N < 1 || N > LORA_BATCHED_MAX_N) throw new Error(`loraNormDownProducts: serves 1..${LORA_BATCHED_MAX_N} rows, got ${N}`);
+  const R = terms[0]!.A.shape[0]!;
+  for (const t of terms) {
+    if (t.A.shape[0] !== R || t.A.size !== R * K) throw new Error(`loraNormDownProducts: A ${t.A} is not [${R}, ${K}] (projections sharing a dispatch need one rank)`);
+  }
+  if (x.size < N * K || h.size < N * K) throw new Error(`loraNormDownProducts: x ${x} or h ${h} is smaller than [${N}, ${K}]`);
+  if (normW.size < K) throw new Error(`loraNormDownProducts: norm weight ${normW} is smaller than [${K}]`);
+  const u = gpu.empty([terms.length, N, R], 'f32', 'lora-u');
+  const params = NORM_UNIFORMS.params({ N, K, R, scale0: terms[0]!.scale, scale1: terms[1]?.scale ?? 0, scale2: terms[2]?.scale ?? 0, eps });
+  const bindings: Tensor[] = [x, normW, h, u];
+  for (const t of terms) bindings.push(t.A);
+  gpu.dispatch((normDown[terms.length] ??= normDownKernel(terms.length)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
+  return u;
 }

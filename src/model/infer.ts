@@ -27,6 +27,7 @@ import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
 import { attentionDecode, attentionForward, kvCacheWrite, type KvDtype } from '../kernels/attention';
 import { convertCopy } from '../kernels/convert';
+import { fusedDecodeLayer, fusedDecodeSupported } from './decode-fused';
 import { swigluForward } from '../kernels/elementwise';
 import { embeddingForward, embeddingForwardF32 } from '../kernels/embedding';
 import { LORA_BATCHED_MAX_N, loraDecode } from '../kernels/lora-decode';
@@ -483,12 +484,22 @@ export function decodeStep(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null
   const x = gpu.empty([B, C], 'f32', 'x');
   embed(gpu, x, ids, w, B);
   const ad = passLora(lora);
+  // 4-bit weights: the fused kernels (q/k/v in one GEMV, RoPE with the cache write,
+  // gate/up with SwiGLU, LoRA B in the GEMV epilogues); otherwise the general layer.
+  const fused = fusedDecodeSupported(w, ad, B);
   for (let l = 0; l < w.config.numLayers; l++) {
+    const prefix = cache.prefix ? { k: cache.prefix.k[l]!, v: cache.prefix.v[l]!, P } : null;
+    if (fused) {
+      const layerCache = { k: cache.k[l]!, v: cache.v[l]!, Smax: cache.Smax, positions: posT, offsets: offT };
+      fusedDecodeLayer(gpu, w, l, ad, x, B, layerCache, (att, q) =>
+        attentionDecode(gpu, att, q, cache.k[l]!, cache.v[l]!, lenT, prefix, B, cache.Smax, H, HK, D, { maxLength }),
+      );
+      continue;
+    }
     decoderLayer(gpu, w, l, ad, x, posT, B, (l, att, q, k, v) => {
       kvCacheWrite(gpu, cache.k[l]!, cache.v[l]!, k, v, offT, B, 1, cache.Smax, HK, D);
       k.release();
       v.release();
-      const prefix = cache.prefix ? { k: cache.prefix.k[l]!, v: cache.prefix.v[l]!, P } : null;
       attentionDecode(gpu, att, q, cache.k[l]!, cache.v[l]!, lenT, prefix, B, cache.Smax, H, HK, D, { maxLength });
     });
   }
