@@ -2,8 +2,9 @@
  * Learning benchmark (not in CI): LSP-Zero with the verifiable reward in the free-form
  * arithmetic world on models/micro-arith, over several seeds.
  *
- *   node scripts/webgpu-env.mjs npx tsx bench/learning.ts [--seeds 0,1,2,3,4] [--iterations 30]
- *        [--exam-every 5] [--exam-size 240] [--N 32] [--G 8] [--lr 0.003] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
+ *   node scripts/webgpu-env.mjs npx tsx bench/learning.ts [--seeds 0,1,2,3,4] [--iterations 20]
+ *        [--exam-every 5] [--exam-size 240] [--N 32] [--G 8] [--lr 0.005] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
+ *        [--lr-schedule constant|linear|cosine] [--lr-warmup 0] [--lr-decay-iterations 20] [--lr-min-ratio 0] [--micro-batch 64] [--top-p 1] [--kl k3]
  *        [--max-answer 6] [--adv-scale group|none] [--aggregation grpo|bnpo|dr_grpo|dapo|seq_sum] [--rank 16 [--alpha 32]]
  *        [--out out/bench-learning.json]
  *
@@ -33,7 +34,7 @@ const DIR = 'models/micro-arith';
 async function main(): Promise<void> {
   const f = parseFlags(process.argv.slice(2));
   const seeds = (f.get('seeds') ?? '0,1,2,3,4').split(',').map(Number);
-  const iterations = Number(f.get('iterations') ?? 30);
+  const iterations = Number(f.get('iterations') ?? 20);
   const examEvery = Number(f.get('exam-every') ?? 5);
   const examSize = Number(f.get('exam-size') ?? 240);
   const out = f.get('out') ?? 'out/bench-learning.json';
@@ -51,6 +52,13 @@ async function main(): Promise<void> {
       ...(f.has('N') ? { queriesPerIteration: Number(f.get('N')) } : {}),
       ...(f.has('G') ? { groupSize: Number(f.get('G')) } : {}),
       ...(f.has('lr') ? { lr: Number(f.get('lr')) } : {}),
+      ...(f.has('lr-schedule') ? { lrSchedule: f.get('lr-schedule') as TrainerConfig['lrSchedule'] } : {}),
+      ...(f.has('lr-warmup') ? { lrWarmup: Number(f.get('lr-warmup')) } : {}),
+      ...(f.has('lr-decay-iterations') ? { lrDecayIterations: Number(f.get('lr-decay-iterations')) } : {}),
+      ...(f.has('lr-min-ratio') ? { lrMinRatio: Number(f.get('lr-min-ratio')) } : {}),
+      ...(f.has('micro-batch') ? { microBatch: Number(f.get('micro-batch')) } : {}),
+      ...(f.has('top-p') ? { topP: Number(f.get('top-p')) } : {}),
+      ...(f.has('kl') ? { klEstimator: f.get('kl') as TrainerConfig['klEstimator'] } : {}),
       ...(f.has('alpha-ch') ? { alphaCh: Number(f.get('alpha-ch')) } : {}),
       ...(f.has('beta') ? { beta: Number(f.get('beta')) } : {}),
       ...(f.has('temperature') ? { temperature: Number(f.get('temperature')) } : {}),

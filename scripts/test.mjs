@@ -6,9 +6,9 @@
 import { spawnSync } from 'node:child_process';
 
 const GPU_SUITES = ['test/gpu', 'test/kernels', 'test/model', 'test/autodiff'];
-// Run on lavapipe only: the micro model's learning run is many tiny dispatches, about ten
-// times slower on SwiftShader (it would take most of the CI budget there).
-const LAVAPIPE_ONLY = ['test/selfplay/learning-micro.test.ts'];
+// Run on lavapipe only: the micro model's learning run and soak are many tiny dispatches, about ten
+// times slower on SwiftShader (they would take most of the CI budget there).
+const LAVAPIPE_ONLY = ['test/selfplay/learning-micro.test.ts', 'test/selfplay/soak.test.ts'];
 const extra = process.argv.slice(2);
 
 function step(name, cmd, args, env = {}) {

@@ -78,7 +78,7 @@ async function main(): Promise<void> {
   const cfg = weights.config;
   console.log(`loaded ${loaded.sourceName} (${format}): ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, vocab ${cfg.vocabSize}, ` +
     `${(weights.bytes / 2 ** 20).toFixed(1)} MiB on the GPU in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  const tokenizer = await loadTokenizer(loaded.files);
+  const tokenizer = await loadTokenizer(loaded.files, loaded.weights.config.vocabSize);
 
   const rank = num(f, 'rank', 16);
   const plan = planMemory(cfg, { format, loraRank: rank, loraTargets: targets, groupSize: G, maxPromptTokens: 256, maxNewTokens: maxNew, checkpointing: true }, gpu.caps);

@@ -12,7 +12,8 @@
  *   --iterations N       --N queries  --G answers  --max-query T  --max-answer T
  *   --temperature T  --top-p P  --beta B  --kl k1|k3  --kl-placement loss|reward
  *   --alpha-ch A  --aggregation grpo|bnpo|dr_grpo|dapo|seq_sum  --scale none|group
- *   --lr LR  --weight-decay WD  --max-grad-norm C  --micro-batch M
+ *   --lr LR  --lr-schedule constant|linear|cosine  --lr-warmup K  --lr-decay-iterations K  --lr-min-ratio F
+ *   --weight-decay WD  --max-grad-norm C  --micro-batch M
  *   --rank R  --alpha A  --targets q_proj,v_proj,...  --rslora  --seed S
  *   --verifiable [WEIGHT]  --judge-weight W  --judge-max-tokens T  --max-operand K
  *   --reward-model PATH|REPO [--reward-model-weight W]
@@ -20,6 +21,7 @@
  *   --reward-fn FILE.js [--reward-fn-weight W] [--reward-fn-timeout MS] [--reward-fn-fallback R] [--reward-fn-name NAME]
  *                        (your own reward: a JavaScript function of (query, answer) returning a number, run sandboxed)
  *   --export DIR (PEFT + config + metrics, completions.jsonl + metrics.csv)  --eval [COUNT] (win rate vs the base model)
+ *   [--eval-judge reference|reward-model] (who compares base and adapter answers; reward-model needs --reward-model)
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -38,7 +40,7 @@ import { reportFiles } from '../selfplay/report';
 import { openRunStore } from '../selfplay/node-store';
 import { EVAL_INSTRUCTIONS } from '../selfplay/prompts';
 import { SelfPlayTrainer, type TrainerModels } from '../selfplay/trainer';
-import type { RunStore } from '../selfplay/types';
+import type { EvaluationJudge, RunStore } from '../selfplay/types';
 import { parseFlags } from './flags';
 
 async function openSource(model: string, token: string | undefined): Promise<ModelSource> {
@@ -73,6 +75,10 @@ function configFromFlags(f: Map<string, string>): DeepPartial<TrainerConfig> {
     aggregation: str('aggregation'),
     advantageScale: str('scale'),
     lr: num('lr'),
+    lrSchedule: str('lr-schedule'),
+    lrWarmup: num('lr-warmup'),
+    lrDecayIterations: num('lr-decay-iterations'),
+    lrMinRatio: num('lr-min-ratio'),
     weightDecay: num('weight-decay'),
     maxGradNorm: num('max-grad-norm'),
     microBatch: num('micro-batch'),
@@ -110,13 +116,13 @@ async function main(): Promise<void> {
   const gpu = await acquireNodeGpu();
   console.log(`adapter: ${gpu.caps.adapterName}`);
   const loaded = await loadLlama(gpu, await openSource(modelPath, f.get('token')), { format });
-  const tokenizer = await loadTokenizer(loaded.files);
+  const tokenizer = await loadTokenizer(loaded.files, loaded.weights.config.vocabSize);
   console.log(`loaded ${loaded.sourceName} (${format}): ${loaded.weights.config.numLayers} layers, hidden ${loaded.weights.config.hiddenSize}`);
   const models: TrainerModels = { gpu, model: loaded, tokenizer };
   const rmPath = f.get('reward-model');
   if (rmPath && rmPath !== 'true') {
     const rm = await loadLlama(gpu, await openSource(rmPath, f.get('token')), { format });
-    models.rewardModel = { model: rm, tokenizer: await loadTokenizer(rm.files) };
+    models.rewardModel = { model: rm, tokenizer: await loadTokenizer(rm.files, rm.weights.config.vocabSize) };
     console.log(`reward model ${rm.sourceName}`);
   }
 
@@ -163,14 +169,16 @@ async function main(): Promise<void> {
   const evalCount = f.get('eval');
   if (evalCount !== undefined) {
     const n = evalCount === 'true' ? EVAL_INSTRUCTIONS.length : Number(evalCount);
-    const r = await trainer.evaluate({ instructions: EVAL_INSTRUCTIONS.slice(0, n) });
-    console.log(`evaluation on ${n} instructions: adapter win rate ${(100 * r.winRate).toFixed(1)}% (${r.wins} wins, ${r.ties} ties, ${r.losses} losses; ${r.unparsed} verdicts unparsed)`);
+    const judge = (f.get('eval-judge') ?? 'reference') as EvaluationJudge;
+    const r = await trainer.evaluate({ instructions: EVAL_INSTRUCTIONS.slice(0, n), judge });
+    console.log(`evaluation on ${n} instructions, judged by the ${judge === 'reward-model' ? 'reward model' : 'reference model'}: adapter win rate ${(100 * r.winRate).toFixed(1)}% (${r.wins} wins, ${r.ties} ties, ${r.losses} losses; ${r.unparsed} verdicts unparsed)`);
+    if (r.exam) console.log(`held-out exam (${r.exam.problems} problems): base ${r.exam.base.toFixed(3)}, adapter ${r.exam.adapter.toFixed(3)}`);
   }
   const out = f.get('export');
   if (out) {
     await mkdir(out, { recursive: true });
     for (const [name, data] of await trainer.exportFiles()) await writeFile(join(out, name), data);
-    for (const [name, data] of reportFiles(trainer.games, trainer.history)) await writeFile(join(out, name), data);
+    for (const [name, data] of reportFiles(await trainer.allGames(), trainer.history)) await writeFile(join(out, name), data);
     console.log(`adapter, run config, metrics (metrics.json, metrics.csv) and games (completions.jsonl) written to ${out}`);
   }
   trainer.release();

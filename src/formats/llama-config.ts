@@ -43,6 +43,96 @@ export interface LlamaConfig {
 
 const HINT_CONFIG = "Use the model's original config.json from its Hugging Face repository.";
 
+/**
+ * The largest size each config.json field may state, with the largest real value we know
+ * of. The caps sit far above every real Llama-family model (Llama 3.1 405B: 126 layers,
+ * hidden 16384, intermediate 53248, 128 heads, 8 KV heads, head_dim 128, vocab 128256;
+ * other families reach 256k vocabularies and 10M-token contexts) so no real checkpoint
+ * meets them, yet they refuse a damaged file at once: without them a config with 1e9
+ * layers loops over a billion layers (tensor lists, memory plans) before anything fails.
+ */
+export const LLAMA_SIZE_LIMITS = {
+  num_hidden_layers: { max: 1024, largest: 'Llama 3.1 405B has 126' },
+  hidden_size: { max: 65536, largest: 'Llama 3.1 405B has 16384' },
+  intermediate_size: { max: 262144, largest: 'Llama 3.1 405B has 53248' },
+  num_attention_heads: { max: 1024, largest: 'Llama 3.1 405B has 128' },
+  num_key_value_heads: { max: 1024, largest: 'Llama 3.1 405B has 8' },
+  head_dim: { max: 1024, largest: 'Llama models use 64 or 128, other families up to 256' },
+  vocab_size: { max: 1 << 20, largest: 'Llama 3 has 128256, the largest other families about 256k' },
+  // Not used to size any buffer (the run's own context is), so the cap is loose.
+  max_position_embeddings: { max: 1 << 26, largest: 'the longest real context is about 10M tokens' },
+  num_labels: { max: 1 << 20, largest: 'reward models use 1' },
+} as const;
+export type LlamaSizeField = keyof typeof LLAMA_SIZE_LIMITS;
+
+/**
+ * The most parameters a config may describe: 2.5x Llama 3.1 405B. Even in 4 bits such
+ * weights (over 500 GB) exceed the memory of any single accelerator (the largest hold
+ * under 300 GB), let alone what a browser tab gets, so a config past it is refused
+ * before a memory plan is drawn up.
+ */
+export const MAX_LLAMA_PARAMETERS = 1e12;
+
+/** The config field behind each size of a LlamaConfig, for messages. */
+const SIZE_FIELDS: readonly (readonly [keyof LlamaConfig, LlamaSizeField])[] = [
+  ['numLayers', 'num_hidden_layers'],
+  ['hiddenSize', 'hidden_size'],
+  ['intermediateSize', 'intermediate_size'],
+  ['numHeads', 'num_attention_heads'],
+  ['numKvHeads', 'num_key_value_heads'],
+  ['headDim', 'head_dim'],
+  ['vocabSize', 'vocab_size'],
+  ['maxPositionEmbeddings', 'max_position_embeddings'],
+  ['numLabels', 'num_labels'],
+];
+
+const HINT_SIZE = "The file is damaged or was edited by hand: use the original config.json from the model's repository.";
+
+function tooLarge(field: LlamaSizeField, v: number): string | null {
+  const { max, largest } = LLAMA_SIZE_LIMITS[field];
+  return v > max ? `is ${v}, far beyond any real model (${largest}); the lab accepts at most ${max}` : null;
+}
+
+/**
+ * Parameters of a Llama checkpoint of this config, counted from the shapes in closed
+ * form (no walk over the layers): the same total as summing llamaTensorShapes.
+ */
+export function llamaParameterCount(config: LlamaConfig): number {
+  const { hiddenSize: C, intermediateSize: I, numLayers: L, numHeads: NH, numKvHeads: KV, headDim: HD, vocabSize: V } = config;
+  const perLayer = 2 * C + 2 * NH * HD * C + 2 * KV * HD * C + 3 * I * C;
+  const head = config.architecture === 'LlamaForSequenceClassification' ? (config.numLabels ?? 0) * C : config.tieWordEmbeddings ? 0 : V * C;
+  return V * C + L * perLayer + C + head;
+}
+
+/**
+ * Throws a FormatError naming the field when a size is beyond LLAMA_SIZE_LIMITS or the
+ * whole model beyond MAX_LLAMA_PARAMETERS. parseLlamaConfig applies it to every file; the
+ * functions that walk the layers (llamaTensorShapes, hence memory plans, parameter counts
+ * and loaders) apply it again, so a config built by hand cannot start a runaway loop.
+ */
+export function checkLlamaSizes(config: LlamaConfig, fileName = 'config.json'): void {
+  for (const [key, field] of SIZE_FIELDS) {
+    const v = config[key];
+    if (v === null) continue;
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) {
+      throw new FormatError(fileName, field, `is ${show(v)}, expected a positive integer`, HINT_CONFIG);
+    }
+    const problem = tooLarge(field, v);
+    if (problem) throw new FormatError(fileName, field, problem, HINT_SIZE);
+  }
+  const n = llamaParameterCount(config);
+  if (n > MAX_LLAMA_PARAMETERS) {
+    const { numLayers: L, hiddenSize: C, intermediateSize: I, numHeads: NH, headDim: HD, vocabSize: V } = config;
+    throw new FormatError(
+      fileName,
+      'num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, head_dim, vocab_size',
+      `num_hidden_layers ${L}, hidden_size ${C}, intermediate_size ${I}, num_attention_heads ${NH} x head_dim ${HD} and vocab_size ${V} make ${n.toExponential(2)} parameters ` +
+        `(${(n / 2 / 1e12).toFixed(1)} TB even in 4 bits), more than any device holds; the lab accepts at most ${MAX_LLAMA_PARAMETERS.toExponential(0).replace('+', '')} parameters`,
+      HINT_SIZE,
+    );
+  }
+}
+
 /** Parses config.json (parsed JSON, text or bytes) of a Llama-architecture checkpoint. */
 export function parseLlamaConfig(json: unknown, fileName: string): LlamaConfig {
   const c = parseJsonInput(json, fileName);
@@ -60,6 +150,8 @@ export function parseLlamaConfig(json: unknown, fileName: string): LlamaConfig {
     const v = c[field] ?? fallback;
     if (v === undefined) return fail(field, 'is missing');
     if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) return fail(field, `is ${show(v)}, expected a positive integer`);
+    const problem = field in LLAMA_SIZE_LIMITS ? tooLarge(field as LlamaSizeField, v) : null;
+    if (problem) fail(field, problem, HINT_SIZE);
     return v;
   };
   const posNum = (field: string, v: unknown): number => {
@@ -138,7 +230,7 @@ export function parseLlamaConfig(json: unknown, fileName: string): LlamaConfig {
     fail(c.torch_dtype !== undefined ? 'torch_dtype' : 'dtype', `is ${show(dtypeRaw)}, expected "bfloat16", "float16" or "float32"`);
   }
 
-  return {
+  const config: LlamaConfig = {
     architecture,
     hiddenSize,
     intermediateSize,
@@ -158,6 +250,8 @@ export function parseLlamaConfig(json: unknown, fileName: string): LlamaConfig {
     padTokenId,
     torchDtype: dtypeRaw as string | null,
   };
+  checkLlamaSizes(config, fileName);
+  return config;
 }
 
 function readArchitecture(c: Record<string, unknown>, fileName: string): LlamaArchitecture {
@@ -230,6 +324,7 @@ function readRopeScaling(v: unknown, field: string, fileName: string): Llama3Rop
  * (torch layout: Linear weights are [out_features, in_features]).
  */
 export function llamaTensorShapes(config: LlamaConfig): Map<string, number[]> {
+  checkLlamaSizes(config);
   const { hiddenSize: C, intermediateSize: I, numHeads: NH, numKvHeads: KV, headDim: HD, vocabSize: V } = config;
   const m = new Map<string, number[]>();
   m.set('model.embed_tokens.weight', [V, C]);

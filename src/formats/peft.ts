@@ -6,6 +6,7 @@
  * computes y = W x + scale * B (A x) with scale = alpha / r (alpha / sqrt(r) with rsLoRA).
  */
 import { FormatError, isPlainObject, parseJsonInput, show } from './errors';
+import { refuseNonFinite } from './finite';
 import type { LlamaConfig } from './llama-config';
 import { parseSafetensors, toF32, writeSafetensors, numel, type TensorToWrite } from './safetensors';
 
@@ -135,6 +136,8 @@ export const VLLM_RANKS = [1, 8, 16, 32, 64, 128, 256] as const;
 export const VLLM_DEFAULT_MAX_RANK = 16;
 
 const HINT_ADAPTER = 'Save the adapter with PEFT (LoraConfig) or export it from this lab.';
+const HINT_NONFINITE_ADAPTER =
+  'The adapter is damaged (or was saved after training diverged): download or export it again, or use an earlier checkpoint of the run.';
 
 /**
  * Checks an adapter_config.json (parsed JSON, text or bytes). Fields that would change
@@ -278,7 +281,7 @@ export function writeAdapter(adapter: { config: LoraAdapterConfig; tensors: Read
 /**
  * Reads and checks an adapter against the model it will be applied to: every key a
  * Llama LoRA key for a configured module and existing layer, every shape exact, no
- * key missing. F16 and BF16 tensors are widened to F32.
+ * key missing, every value finite. F16 and BF16 tensors are widened to F32.
  */
 export function readAdapter(
   files: { 'adapter_config.json': unknown; 'adapter_model.safetensors': Uint8Array },
@@ -302,7 +305,10 @@ export function readAdapter(
     if (info.dtype !== 'F32' && info.dtype !== 'F16' && info.dtype !== 'BF16') {
       throw new FormatError(file, key, `has dtype ${info.dtype}, expected F32, F16 or BF16`, 'Save the adapter in a floating-point dtype.');
     }
-    tensors.set(key, { shape: info.shape.slice(), data: toF32(info.dtype, st.bytes(key), `${file}, ${key}`) });
+    const data = toF32(info.dtype, st.bytes(key), `${file}, ${key}`);
+    // A NaN or infinity would only show later, as non-finite log-probs and skipped steps.
+    refuseNonFinite(file, key, data, HINT_NONFINITE_ADAPTER);
+    tensors.set(key, { shape: info.shape.slice(), data });
   }
   checkComplete(new Set(tensors.keys()), config, model, file);
   return { config, warnings, tensors };

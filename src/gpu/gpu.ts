@@ -66,6 +66,8 @@ const UNIFORM_SLOT = 256;
 const UNIFORM_ARENA_SLOTS = 4096;
 /** Bind groups kept for reuse; the cache is dropped whole when it grows past this. */
 const BIND_GROUP_CACHE_MAX = 16384;
+/** How long a failed read waits for the device's loss to be reported (only after a failure). */
+const LOST_GRACE_MS = 2000;
 
 export async function acquireGpu(options: AcquireOptions = {}): Promise<Gpu> {
   const entry = options.gpu ?? (typeof navigator !== 'undefined' ? navigator.gpu : undefined);
@@ -339,6 +341,9 @@ export class Gpu {
       await staging.mapAsync(MapMode.READ);
     } catch (e) {
       staging.destroy();
+      // A lost device aborts the reads in flight before its loss is reported ("unmapped before
+      // mapping was resolved"): wait for the loss a moment, so the error names it.
+      await Promise.race([this.device.lost, new Promise((r) => setTimeout(r, LOST_GRACE_MS))]);
       this.checkAlive();
       throw e;
     }

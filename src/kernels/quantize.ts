@@ -12,9 +12,16 @@
  * One thread quantizes one block of 32: it writes the block's 16 bytes of nibbles and
  * ORs its f16 scale and 4-bit zero point into words shared with neighbouring blocks
  * (atomicOr into buffers cleared first).
+ *
+ * On request (options.nonFinite) the same pass counts the source's NaN and infinities
+ * into one u32 slot of a counts buffer (the loader's damaged-weight check, reference
+ * finite.ref.ts): the values are read here anyway, so the count costs no extra pass.
+ * The test is on the raw bits (exponent all ones), not on float comparisons, which
+ * WGSL lets implementations fold away as if floats were always finite; a thread that
+ * finds any adds them with one atomicAdd, so clean weights cost no atomics.
  */
 import type { Gpu } from '../gpu/gpu';
-import { Params } from '../gpu/params';
+import { Params, uniforms } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { q4Blocks, q4ShardRows, type Q4Shard, type Q4Weight } from './q4-layout';
 import { q4Pieces, q4ShardBindings, q4Wgsl } from './q4';
@@ -31,6 +38,8 @@ export interface QuantizeQ4Options {
   maxShardBytes?: number;
   /** largest source range one dispatch binds; default the device's storage binding limit */
   maxSourceBytes?: number;
+  /** also add the number of NaN / infinite source values to counts[slot] (u32) */
+  nonFinite?: { counts: Tensor; slot: number };
 }
 
 const WG = 64;
@@ -171,29 +180,46 @@ fn roundDiv(v: f32, s: f32) -> i32 {
   return c;
 }`;
 
+/**
+ * The source binding and, for element e: srcBits(e) (its raw bits), valueOf(bits) (as
+ * f32), badBits(bits) (1 when NaN or infinite: exponent all ones) and srcAt(e).
+ */
 function sourceWgsl(srcType: Q4SourceType, binding: number): string {
+  const decl = `@group(0) @binding(${binding}) var<storage, read> src: array<u32>;`;
   switch (srcType) {
     case 'f32':
-      return `@group(0) @binding(${binding}) var<storage, read> src: array<f32>;
-fn srcAt(e: u32) -> f32 { return src[e]; }`;
+      return `${decl}  // f32 bits
+fn srcBits(e: u32) -> u32 { return src[e]; }
+fn valueOf(bits: u32) -> f32 { return bitcast<f32>(bits); }
+fn badBits(bits: u32) -> u32 { return select(0u, 1u, (bits & 0x7f800000u) == 0x7f800000u); }
+fn srcAt(e: u32) -> f32 { return bitcast<f32>(src[e]); }`;
     case 'f16':
-      return `@group(0) @binding(${binding}) var<storage, read> src: array<u32>;  // f16 pairs
-fn srcAt(e: u32) -> f32 { return f16Value((src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu); }`;
+      return `${decl}  // f16 pairs
+fn srcBits(e: u32) -> u32 { return (src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu; }
+fn valueOf(bits: u32) -> f32 { return f16Value(bits); }
+fn badBits(bits: u32) -> u32 { return select(0u, 1u, (bits & 0x7c00u) == 0x7c00u); }
+fn srcAt(e: u32) -> f32 { return f16Value(srcBits(e)); }`;
     case 'bf16':
-      return `@group(0) @binding(${binding}) var<storage, read> src: array<u32>;  // bf16 pairs
-fn srcAt(e: u32) -> f32 { return bitcast<f32>(((src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu) << 16u); }`;
+      return `${decl}  // bf16 pairs
+fn srcBits(e: u32) -> u32 { return (src[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu; }
+fn valueOf(bits: u32) -> f32 { return bitcast<f32>(bits << 16u); }
+fn badBits(bits: u32) -> u32 { return select(0u, 1u, (bits & 0x7f80u) == 0x7f80u); }
+fn srcAt(e: u32) -> f32 { return bitcast<f32>(srcBits(e) << 16u); }`;
   }
 }
 
-export const quantizeQ4Kernel = kernelCache((srcType: Q4SourceType, zeros: boolean) => ({
-  label: `q4_quantize ${srcType}${zeros ? ' zeros' : ''}`,
+const QUANTIZE_PARAMS = uniforms('Params', { rows: 'u32', K: 'u32', nb: 'u32', srcOffset: 'u32', row0: 'u32', slot: 'u32' });
+
+export const quantizeQ4Kernel = kernelCache((srcType: Q4SourceType, zeros: boolean, countNonFinite = false) => ({
+  label: `q4_quantize ${srcType}${zeros ? ' zeros' : ''}${countNonFinite ? ' nonfinite' : ''}`,
   code: /* wgsl */ `
-struct Params { rows: u32, K: u32, nb: u32, srcOffset: u32, row0: u32 }
+${QUANTIZE_PARAMS.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> qw: array<vec4u>;        // [rows, nb] blocks
 @group(0) @binding(2) var<storage, read_write> sc: array<atomic<u32>>;  // [rows, nb] f16 pairs
 ${zeros ? '@group(0) @binding(3) var<storage, read_write> zp: array<atomic<u32>>;  // [rows, ceil(nb/2)] bytes' : ''}
 ${sourceWgsl(srcType, zeros ? 4 : 3)}
+${countNonFinite ? `@group(0) @binding(${zeros ? 5 : 4}) var<storage, read_write> nonFinite: array<atomic<u32>>;` : ''}
 ${exactScaleWgsl}
 
 @compute @workgroup_size(${WG})
@@ -207,11 +233,15 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
   let e0 = p.srcOffset + row * p.K + k0;
   var lo = 0.0;
   var hi = 0.0;
+  var bad = 0u;
   for (var j = 0u; j < len; j++) {
-    let v = srcAt(e0 + j);
+    let bits = srcBits(e0 + j);
+    let v = valueOf(bits);
     lo = min(lo, v);
     hi = max(hi, v);
+    ${countNonFinite ? 'bad += badBits(bits);' : ''}
   }
+  ${countNonFinite ? 'if (bad > 0u) { atomicAdd(&nonFinite[p.slot], bad); }' : ''}
   let loBits = bitcast<u32>(lo) & 0x7fffffffu;  // |lo|
   let hiBits = bitcast<u32>(hi) & 0x7fffffffu;
   ${zeros ? 'let sBits = exactScale(hiBits, loBits, 15u);' : 'let sBits = exactScale(max(hiBits, loBits), 0u, 7u);'}
@@ -256,7 +286,9 @@ export function quantizeQ4(gpu: Gpu, src: Tensor, M: number, K: number, opts: Qu
   const maxBinding = Math.min(opts.maxSourceBytes ?? Infinity, gpu.caps.maxStorageBufferBindingSize);
   const chunkRows = Math.floor((maxBinding - align - 4) / (K * elemBytes));
   if (chunkRows < 1) throw new Error(`quantizeQ4: one row of ${K} ${srcType} values does not fit a storage binding`);
-  const kernel = quantizeQ4Kernel(srcType, zeros);
+  const nf = opts.nonFinite ?? null;
+  if (nf && !(Number.isInteger(nf.slot) && nf.slot >= 0 && nf.slot < nf.counts.size)) throw new Error(`quantizeQ4: non-finite slot ${nf.slot} is outside ${nf.counts}`);
+  const kernel = quantizeQ4Kernel(srcType, zeros, nf !== null);
   const shards: Q4Shard[] = [];
   for (let r0 = 0; r0 < M; r0 += rowsPer) {
     const rows = Math.min(rowsPer, M - r0);
@@ -273,8 +305,9 @@ export function quantizeQ4(gpu: Gpu, src: Tensor, M: number, K: number, opts: Qu
       const byteStart = (r0 + c) * K * elemBytes;
       const offset = Math.floor(byteStart / align) * align;
       const end = Math.min(src.buffer.size, Math.ceil((byteStart + cr * K * elemBytes) / 4) * 4);
-      const params = new Params().u32(cr).u32(K).u32(nb).u32((byteStart - offset) / elemBytes).u32(c);
-      gpu.dispatch(kernel, [...q4ShardBindings(shard), { buffer: src.buffer, offset, size: end - offset }], grid(ceilDiv(cr * nb, WG)), params);
+      const params = QUANTIZE_PARAMS.params({ rows: cr, K, nb, srcOffset: (byteStart - offset) / elemBytes, row0: c, slot: nf?.slot ?? 0 });
+      const bindings = [...q4ShardBindings(shard), { buffer: src.buffer, offset, size: end - offset }, ...(nf ? [nf.counts] : [])];
+      gpu.dispatch(kernel, bindings, grid(ceilDiv(cr * nb, WG)), params);
     }
   }
   return { M, K, nb, shards };

@@ -12,6 +12,10 @@
  *        blocks and copied into the weight's shards. All seven projections per layer
  *        and the embedding (the LM head too when untied) are 4-bit; norms stay f32.
  *   f32: rows are widened to f32 on the CPU and written in place (tests, the oracle).
+ * Every tensor's NaN and infinities are counted as it passes (by the quantize kernel,
+ * or on the CPU chunks widened to f32; nonfinite.ts) and read back once at the end: a
+ * damaged checkpoint is refused naming the file and the first bad tensor, the score
+ * head of a reward model included.
  *
  * With a ModelCache, a cached entry is loaded without touching the source; otherwise
  * the loaded weights are read back and stored for next time. An ONNX export is cached
@@ -19,6 +23,7 @@
  * from there. An AbortSignal cancels a load between reads; whatever it had stored of
  * the model is removed and the cache's other entries are untouched.
  */
+import { packDecodeProjections } from './pack';
 import { FormatError, isPlainObject, show } from '../formats/errors';
 import { checkLlamaTensors, llamaTensorShapes, parseLlamaConfig, type LlamaConfig } from '../formats/llama-config';
 import {
@@ -38,6 +43,7 @@ import { q4Pieces } from '../kernels/q4';
 import { Q4_BLOCK_BYTES, q4Blocks, q4ShardRows, type Q4Shard, type Q4Weight } from '../kernels/q4-layout';
 import { quantizeQ4, type Q4SourceType } from '../kernels/quantize';
 import { ropeInvFreq } from '../kernels/rope';
+import { NonFiniteCheck } from './nonfinite';
 import {
   CACHE_FORMAT_VERSION,
   ModelCacheError,
@@ -90,6 +96,13 @@ export interface LoadOptions {
   denseEmbeddingMaxBytes?: number;
   /** Cancels the load: it ends with an AbortError (isLoadCancelled) and stores nothing partial. */
   signal?: AbortSignal;
+  /**
+   * Format q4, safetensors: stack each layer's q/k/v and gate/up weights into one weight
+   * each for the fused decode GEMVs (pack.ts); default false until ONNX imports (whose
+   * projections may be views of one fused weight) and the load tests that read each
+   * projection's own buffers handle packed weights.
+   */
+  packDecode?: boolean;
 }
 
 /** Sampling defaults from generation_config.json, falling back to config.json's token ids. */
@@ -145,7 +158,18 @@ export async function findCachedModel(cache: ModelCache, source: Pick<ModelSourc
   return null;
 }
 
+/**
+ * Loads a Llama checkpoint (safetensors or ONNX, from the source or the cache) onto the
+ * GPU. With packDecode, 4-bit weights are then packed for the fused decode step, after
+ * the cache has its copy (packing replaces the per-projection weights with row views).
+ */
 export async function loadLlama(gpu: Gpu, source: ModelSource, options: LoadOptions): Promise<LoadedModel> {
+  const model = await loadLlamaWeights(gpu, source, options);
+  if (options.format === 'q4' && options.packDecode) packDecodeProjections(gpu, model.weights);
+  return model;
+}
+
+async function loadLlamaWeights(gpu: Gpu, source: ModelSource, options: LoadOptions): Promise<LoadedModel> {
   const format = options.format;
   if (format !== 'q4' && format !== 'f32') throw new Error(`loadLlama: unknown format ${show(format)} (use "q4" or "f32")`);
   const signal = options.signal ?? null;
@@ -492,6 +516,8 @@ class Loader {
   readonly maxStaging: number;
   readonly maxShard: number;
   readonly zeros: boolean;
+  /** Counts the tensors' non-finite values as they pass (loads from the source; nonfinite.ts). */
+  finite: NonFiniteCheck | null = null;
 
   constructor(
     readonly gpu: Gpu,
@@ -562,6 +588,7 @@ async function uploadF32(ld: Loader, name: string, t: CheckpointTensor): Promise
   const rows = shape[0] ?? 1;
   for await (const c of readRows(t, 0, rows, ld.maxChunk, 1)) {
     const f = toF32(t.info.dtype, c.data, `${t.file.name}, tensor ${JSON.stringify(name)}`);
+    ld.finite?.scan(t.file.name, name, out.size, f);
     ld.gpu.write(out, f, c.row * rowElems * 4);
     ld.progress('weights', t.file.name, name, c.data.length);
   }
@@ -587,7 +614,8 @@ async function uploadQ4(ld: Loader, name: string, t: CheckpointTensor): Promise<
   if (blockRows < 1) throw new Error(`${name}: one row of ${rowBytes} bytes does not fit a ${ld.maxStaging}-byte staging buffer`);
   const staging = gpu.empty([Math.ceil((blockRows * rowBytes) / 4)], 'u32', 'load.staging');
   try {
-    const opts = { srcType, zeros: ld.zeros, maxShardBytes: ld.maxShard };
+    // The quantize kernel counts NaN and infinities as it reads the rows (nonfinite.ts).
+    const opts = { srcType, zeros: ld.zeros, maxShardBytes: ld.maxShard, nonFinite: ld.finite?.gpuSlot(t.file.name, name, M * K) };
     if (blockRows === M) {
       await stageRows(ld, name, t, staging, 0, M, rowAlign);
       const w = quantizeQ4(gpu, staging, M, K, opts);
@@ -711,6 +739,7 @@ async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOption
   try {
     const unusedTensors = checkCheckpoint(config, ckpt);
     const needed = [...llamaTensorShapes(config).keys()].map((name) => [name, ckpt.tensors.get(name)!] as const);
+    ld.finite = new NonFiniteCheck(gpu, needed.length);
     for (const [name, t] of needed) {
       if (!(options.format === 'q4' && isQuantizedTensor(name))) ld.checkF32(t.info.shape, name);
     }
@@ -725,6 +754,8 @@ async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOption
       // Bounds what the driver buffers for uploads, and surfaces GPU errors at the tensor that caused them.
       await gpu.sync();
     }
+    // One readback for every tensor's count: names the first that holds a NaN or an infinity.
+    await ld.finite.verify();
     const weights = assemble(config, options.format, byName, ld);
     await gpu.sync();
     const model: LoadedModel = { weights, generation, sourceName: source.name, files: source, fromCache: false, cacheError: null, unusedTensors };
@@ -733,6 +764,7 @@ async function loadFromSource(gpu: Gpu, source: ModelSource, options: LoadOption
     ld.releaseAll();
     throw e;
   } finally {
+    ld.finite?.release();
     await Promise.all(ckpt.files.map(closeFile));
   }
 }

@@ -17,6 +17,8 @@
  * DENSE_EMBEDDING_MAX_BYTES as f32, so the model computes what onnxruntime computes; a
  * larger one, such as Llama-3.2-3B's 1.6 GB, is quantized like a safetensors embedding,
  * as the memory plan assumes). With format 'f32', 4-bit weights are dequantized on the CPU.
+ * A NaN or infinity in a scale or a dense initializer is refused naming the initializer
+ * (checked on the CPU, where the importer decodes them anyway).
  *
  * Recognised names (optimum / onnx-community and onnxruntime-genai exports):
  *   .../layers.{i}/.../{q,k,v,o,gate,up,down}_proj/...     MatMulNBits or MatMul
@@ -29,6 +31,7 @@
  * its external data and the text files) and loads them from there (load.ts).
  */
 import { FormatError, show } from '../formats/errors';
+import { nonFiniteF16Count, nonFiniteProblem, refuseNonFinite } from '../formats/finite';
 import type { LlamaConfig } from '../formats/llama-config';
 import { ONNX_DATA_TYPE, decodeOnnxModel, type OnnxNode, type OnnxTensor } from '../formats/onnx-proto';
 import { bf16BytesToF32 } from '../formats/safetensors';
@@ -62,6 +65,8 @@ export const DENSE_EMBEDDING_MAX_BYTES = 256 << 20;
 
 const HINT_EXPORT =
   'The lab imports Llama decoders exported by optimum / transformers.js or onnxruntime-genai (4-bit MatMulNBits or f32/f16 MatMul weights); load the safetensors checkpoint instead if this export differs.';
+
+const HINT_DAMAGED_EXPORT = 'The export is damaged (or was made from a model whose training diverged): download it again, or re-export it from a model whose weights are finite.';
 
 const importedQ4 = new WeakMap<FrozenLinear, Q4Weight>();
 
@@ -158,16 +163,21 @@ class OnnxFile {
     return new Uint8Array(0);
   }
 
-  /** Float values (f32 / f16 / bf16) of `count` elements. */
+  /** Float values (f32 / f16 / bf16) of `count` elements; NaN or infinity is refused naming the initializer. */
   async floats(t: OnnxTensor, count: number): Promise<Float32Array> {
     const b = await this.bytes(t);
+    const item = `initializer ${JSON.stringify(t.name)}`;
     const size = t.dataType === ONNX_DATA_TYPE.FLOAT ? 4 : 2;
-    if (b.byteLength !== count * size) this.fail(`initializer ${JSON.stringify(t.name)}`, `holds ${b.byteLength} bytes, expected ${count * size} for ${count} values`);
+    if (b.byteLength !== count * size) this.fail(item, `holds ${b.byteLength} bytes, expected ${count * size} for ${count} values`);
     const aligned = b.byteOffset % 4 === 0 ? b : b.slice();
-    if (t.dataType === ONNX_DATA_TYPE.FLOAT) return new Float32Array(aligned.buffer, aligned.byteOffset, count).slice();
-    if (t.dataType === ONNX_DATA_TYPE.FLOAT16) return f16ToF32(new Uint16Array(aligned.buffer, aligned.byteOffset, count));
-    if (t.dataType === ONNX_DATA_TYPE.BFLOAT16) return bf16BytesToF32(aligned);
-    return this.fail(`initializer ${JSON.stringify(t.name)}`, `has data type ${t.dataType}; weights must be float, float16 or bfloat16`);
+    let values: Float32Array;
+    if (t.dataType === ONNX_DATA_TYPE.FLOAT) values = new Float32Array(aligned.buffer, aligned.byteOffset, count).slice();
+    else if (t.dataType === ONNX_DATA_TYPE.FLOAT16) values = f16ToF32(new Uint16Array(aligned.buffer, aligned.byteOffset, count));
+    else if (t.dataType === ONNX_DATA_TYPE.BFLOAT16) values = bf16BytesToF32(aligned);
+    else return this.fail(item, `has data type ${t.dataType}; weights must be float, float16 or bfloat16`);
+    // Checked here on the CPU: the values were just decoded (and, for MatMul, are transposed) on the CPU anyway.
+    refuseNonFinite(this.fileName, item, values, HINT_DAMAGED_EXPORT);
+    return values;
   }
 
   async close(): Promise<void> {
@@ -213,15 +223,24 @@ async function readMatMulNBits(f: OnnxFile, n: OnnxNode): Promise<Q4Packed> {
   return { M, K, qweight: (await f.bytes(B)).slice(), scales, zeros };
 }
 
-/** f16 scale bits from f16 (copied) or f32 (rounded) scales. */
+/**
+ * f16 scale bits from f16 (copied) or f32 (rounded) scales. A scale that is NaN or
+ * infinite (or an f32 scale beyond f16's range) is refused: the packed nibbles cannot
+ * be non-finite, the scales can. The check scans the bits on the CPU, where they are
+ * already (one value per 32 weights).
+ */
 async function readScales(f: OnnxFile, S: OnnxTensor, count: number): Promise<Uint16Array> {
+  const item = `initializer ${JSON.stringify(S.name)}`;
+  let bits: Uint16Array;
   if (S.dataType === ONNX_DATA_TYPE.FLOAT16) {
     const b = (await f.bytes(S)).slice();
-    if (b.byteLength !== count * 2) f.fail(`initializer ${JSON.stringify(S.name)}`, `holds ${b.byteLength} bytes, expected ${count * 2}`);
-    return new Uint16Array(b.buffer, 0, count);
-  }
-  if (S.dataType === ONNX_DATA_TYPE.FLOAT) return f32ToF16(await f.floats(S, count));
-  return f.fail(`initializer ${JSON.stringify(S.name)}`, `holds scales of type ${S.dataType}; expected float or float16`);
+    if (b.byteLength !== count * 2) f.fail(item, `holds ${b.byteLength} bytes, expected ${count * 2}`);
+    bits = new Uint16Array(b.buffer, 0, count);
+  } else if (S.dataType === ONNX_DATA_TYPE.FLOAT) bits = f32ToF16(await f.floats(S, count));
+  else return f.fail(item, `holds scales of type ${S.dataType}; expected float or float16`);
+  const bad = nonFiniteF16Count(bits);
+  if (bad > 0) f.fail(item, `${nonFiniteProblem(bad, count)} as f16 scales`, HINT_DAMAGED_EXPORT);
+  return bits;
 }
 
 /** The 4-bit embedding of a GatherBlockQuantized node (uint8 data [V, C/2] or uint4 [V, C]). */

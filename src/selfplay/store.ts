@@ -6,12 +6,15 @@
  * Layout under <root>/<run name>/:
  *   ckpt-<n>/<files>   one complete checkpoint per folder, n counting up
  *   latest.json        {"folder": "ckpt-<n>", "files": {name: bytes}}, written last
+ *   games-<n>.jsonl    the games log (games-log.ts): games paged out of memory, one
+ *                      chunk per file, written whole, outside the checkpoint folders
  * A save writes a new folder, then replaces latest.json (a file's contents change only
  * when its writer closes, in OPFS and in the Node handle alike), then deletes older
  * folders. A save that fails part-way (storage full) removes its own folder and leaves
  * latest.json pointing at the previous checkpoint, which stays loadable.
  */
 import type { DirectoryHandleLike } from '../model/cache';
+import { gameChunkName } from './games-log';
 import type { RunFiles, RunStore } from './types';
 
 export class RunStoreError extends Error {
@@ -33,7 +36,15 @@ function isNotFound(e: unknown): boolean {
 
 export class MemoryRunStore implements RunStore {
   private files: RunFiles | null = null;
+  private gameChunks = new Map<number, Uint8Array>();
   constructor(readonly name = 'memory') {}
+  writeGameChunk(n: number, bytes: Uint8Array): Promise<void> {
+    this.gameChunks.set(n, bytes.slice());
+    return Promise.resolve();
+  }
+  readGameChunk(n: number): Promise<Uint8Array | null> {
+    return Promise.resolve(this.gameChunks.get(n)?.slice() ?? null);
+  }
   save(files: RunFiles): Promise<void> {
     this.files = new Map([...files].map(([k, v]) => [k, v.slice()]));
     return Promise.resolve();
@@ -43,6 +54,7 @@ export class MemoryRunStore implements RunStore {
   }
   clear(): Promise<void> {
     this.files = null;
+    this.gameChunks.clear();
     return Promise.resolve();
   }
 }
@@ -54,6 +66,36 @@ interface Latest {
 
 const LATEST = 'latest.json';
 const FOLDER = /^ckpt-(\d+)$/;
+
+/** Writes a file whose new contents appear only when its writer closes; a failed write is aborted, leaving the old contents. */
+async function writeWhole(dir: DirectoryHandleLike, name: string, bytes: Uint8Array): Promise<void> {
+  const w = await (await dir.getFileHandle(name, { create: true })).createWritable();
+  try {
+    await w.write(bytes);
+    await w.close();
+  } catch (e) {
+    await w.abort().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
+ * Removes a checkpoint folder, trying again a few times: in OPFS a writer just closed or
+ * aborted can hold its file for a moment, and the removal then fails. False when it is
+ * still there (the next save's sweep removes it).
+ */
+async function removeFolder(dir: DirectoryHandleLike, name: string): Promise<boolean> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await dir.removeEntry(name, { recursive: true });
+      return true;
+    } catch (e) {
+      if (isNotFound(e)) return true;
+      if (attempt >= 4) return false;
+      await new Promise((r) => setTimeout(r, 25 * 2 ** attempt));
+    }
+  }
+}
 
 export class DirectoryRunStore implements RunStore {
   constructor(
@@ -100,26 +142,12 @@ export class DirectoryRunStore implements RunStore {
     try {
       const target = await dir.getDirectoryHandle(folder, { create: true });
       for (const [name, data] of files) {
-        const w = await (await target.getFileHandle(name, { create: true })).createWritable();
-        try {
-          await w.write(data);
-          await w.close();
-        } catch (e) {
-          await w.abort().catch(() => undefined);
-          throw e;
-        }
+        await writeWhole(target, name, data);
         sizes[name] = data.length;
       }
-      const w = await (await dir.getFileHandle(LATEST, { create: true })).createWritable();
-      try {
-        await w.write(new TextEncoder().encode(JSON.stringify({ folder, files: sizes } satisfies Latest)));
-        await w.close();
-      } catch (e) {
-        await w.abort().catch(() => undefined);
-        throw e;
-      }
+      await writeWhole(dir, LATEST, new TextEncoder().encode(JSON.stringify({ folder, files: sizes } satisfies Latest)));
     } catch (e) {
-      await dir.removeEntry(folder, { recursive: true }).catch(() => undefined);
+      await removeFolder(dir, folder);
       const kept = latest ? ` The previous checkpoint (${latest.folder}) is intact.` : '';
       if (isQuotaError(e)) throw new RunStoreError(`storage is full: the checkpoint of run "${this.name}" could not be saved.${kept} Free space (delete cached models or old runs) and save again.`);
       throw new RunStoreError(`the checkpoint of run "${this.name}" could not be saved: ${e instanceof Error ? e.message : String(e)}.${kept}`);
@@ -127,7 +155,30 @@ export class DirectoryRunStore implements RunStore {
     // Older checkpoints go only after the new one is complete.
     const stale: string[] = [];
     for await (const k of dir.keys()) if (FOLDER.test(k) && k !== folder) stale.push(k);
-    for (const k of stale) await dir.removeEntry(k, { recursive: true }).catch(() => undefined);
+    for (const k of stale) await removeFolder(dir, k);
+  }
+
+  /** One chunk of the games log as one file: its contents appear whole when its writer closes. */
+  async writeGameChunk(n: number, bytes: Uint8Array): Promise<void> {
+    const dir = (await this.dir(true))!;
+    const name = gameChunkName(n);
+    try {
+      await writeWhole(dir, name, bytes);
+    } catch (e) {
+      if (isQuotaError(e)) throw new RunStoreError(`storage is full: older games of run "${this.name}" could not be paged out to ${name}; they stay in memory. Free space (delete cached models or old runs).`);
+      throw new RunStoreError(`older games of run "${this.name}" could not be paged out to ${name}: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  }
+
+  async readGameChunk(n: number): Promise<Uint8Array | null> {
+    const dir = await this.dir(false);
+    if (!dir) return null;
+    try {
+      return new Uint8Array(await (await (await dir.getFileHandle(gameChunkName(n))).getFile()).arrayBuffer());
+    } catch (e) {
+      if (isNotFound(e)) return null;
+      throw e;
+    }
   }
 
   async load(): Promise<RunFiles | null> {

@@ -22,6 +22,7 @@
  * Sampling seeds are a hash of (run seed, iteration, role), so a resumed run draws
  * exactly what the uninterrupted run would have.
  */
+import { nonFiniteCount } from '../formats/finite';
 import { writeSafetensors, parseSafetensors } from '../formats/safetensors';
 import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
@@ -33,8 +34,9 @@ import type { ChatTokenizer } from '../model/tokenizer';
 import { computeAdvantages, mean, stdUnbiased, type RewardSource } from './advantages';
 import type { RewardHook } from './custom-reward';
 import { chunks, completionBatch, type Completion } from './batch';
-import { makeConfig, validateConfig, type TrainerConfig } from './config';
+import { makeConfig, scheduledLr, validateConfig, type TrainerConfig } from './config';
 import { runExam as answerExam, type ExamProblem, type ExamResult } from './exam';
+import { GamesLog, MemoryChunkStore, type GameChunkStore, type GameQuery, type GameSearchResult, type GamesLogState } from './games-log';
 import { judgeMessages, resolveJudgeScore, type ChatMessage } from './judge';
 import { klSequence } from './kl';
 import { aggregationCoefficients, sequenceTerms } from './losses';
@@ -52,7 +54,7 @@ import {
   solverMessages,
   verifiableReward,
 } from './prompts';
-import type { AnswerRecord, EvaluationResult, GameRecord, IterationMetrics, IterationPhase, RunFiles, RunStore, TrainerEvent } from './types';
+import type { AnswerRecord, EvaluationItem, EvaluationJudge, EvaluationResult, GameRecord, IterationMetrics, IterationPhase, RunFiles, RunStore, TrainerEvent } from './types';
 
 export interface TrainerModels {
   gpu: Gpu;
@@ -71,7 +73,7 @@ export interface TrainerOptions {
 
 export const RUN_STATE_FORMAT = 'selfplay-lab.run';
 export const RUN_STATE_VERSION = 1;
-/** Games kept in a checkpoint (all games stay in memory while the run is open). */
+/** Games kept in a checkpoint's games.json at most (memory keeps fewer, games-log.ts; older games are in the games log). */
 export const MAX_SAVED_GAMES = 2000;
 /** Consecutive skipped updates after which the run stops with an error. */
 export const MAX_CONSECUTIVE_SKIPS = 3;
@@ -91,6 +93,14 @@ interface RunState {
   config: TrainerConfig;
   history: IterationMetrics[];
   consecutiveSkips: number;
+  /** The games-log chunks that belong to this checkpoint (absent: none). */
+  gamesLog?: GamesLogState;
+}
+
+/** The store's games log, or memory for a run without one. */
+function chunkStoreOf(store: RunStore | null): GameChunkStore {
+  if (store?.writeGameChunk && store.readGameChunk) return { writeGameChunk: (n, b) => store.writeGameChunk!(n, b), readGameChunk: (n) => store.readGameChunk!(n) };
+  return new MemoryChunkStore();
 }
 
 /** A 32-bit seed from (run seed, iteration, role). */
@@ -139,7 +149,8 @@ class TextStreams {
 export class SelfPlayTrainer {
   iteration = 0;
   history: IterationMetrics[] = [];
-  games: GameRecord[] = [];
+  /** The run's games: the newest in memory, older ones paged out to the store's games log after each iteration. */
+  gamesLog: GamesLog;
   onEvent: (e: TrainerEvent) => void;
   private consecutiveSkips = 0;
   private numberIds: number[] | null = null;
@@ -157,6 +168,27 @@ export class SelfPlayTrainer {
     onEvent?: (e: TrainerEvent) => void,
   ) {
     this.onEvent = onEvent ?? (() => undefined);
+    this.gamesLog = new GamesLog(chunkStoreOf(store));
+  }
+
+  /** The newest games (at most MEMORY_GAMES after each iteration), oldest first; searchGames() covers the whole history. */
+  get games(): GameRecord[] {
+    return this.gamesLog.recent;
+  }
+
+  /** Games in the whole history (memory and games log). */
+  get gamesTotal(): number {
+    return this.gamesLog.total;
+  }
+
+  /** Games of the whole history (memory and games log), newest first. */
+  searchGames(q: GameQuery = {}): Promise<GameSearchResult> {
+    return this.gamesLog.search(q);
+  }
+
+  /** Every game of the run, oldest first (reads the whole games log). */
+  allGames(): Promise<GameRecord[]> {
+    return this.gamesLog.all();
   }
 
   /** A new run from a fresh adapter (or the given one). */
@@ -212,7 +244,8 @@ export class SelfPlayTrainer {
     t.history = state.history;
     t.consecutiveSkips = state.consecutiveSkips ?? 0;
     const games = files.get('games.json');
-    if (games) t.games = JSON.parse(new TextDecoder().decode(games)) as GameRecord[];
+    const recent = games ? (JSON.parse(new TextDecoder().decode(games)) as GameRecord[]) : [];
+    t.gamesLog = new GamesLog(chunkStoreOf(opts.store ?? null), { recent, state: state.gamesLog });
     return t;
   }
 
@@ -360,7 +393,10 @@ export class SelfPlayTrainer {
     const answerSeqs: Completion[] = genS.answers.map((a, r) => ({ prompt: solverPrompts[Math.floor(r / G)]!, completion: a.tokens }));
     const querySeqs: Completion[] = queries.map((q) => ({ prompt: cpPrompt, completion: q.tokens }));
     const all = [...answerSeqs, ...querySeqs];
-    const groups = [...chunks(answerSeqs.length, c.microBatch), ...chunks(querySeqs.length, c.microBatch).map((g) => g.map((k) => k + answerSeqs.length))];
+    // With alpha_ch 0 the Challenger's loss weighs nothing, so its sequences are neither scored
+    // nor trained (the update is the same; their log-probs in the games read NaN, their KL 0).
+    const queryGroups = c.alphaCh > 0 ? chunks(querySeqs.length, c.microBatch) : [];
+    const groups = [...chunks(answerSeqs.length, c.microBatch), ...queryGroups.map((g) => g.map((k) => k + answerSeqs.length))];
     const batches = groups.map((g) => scoredBatch(g.map((k) => all[k]!), w.config.vocabSize));
     const refLogp: Float32Array[] = new Array(all.length);
     this.lora.enabled = false;
@@ -444,7 +480,7 @@ export class SelfPlayTrainer {
     if (opts.signal?.aborted) this.lora.zeroGrad();
     abortCheck();
     if (!nonFinite) {
-      const report = await this.lora.step({ lr: c.lr, weightDecay: c.weightDecay, maxGradNorm: c.maxGradNorm }).read();
+      const report = await this.lora.step({ lr: scheduledLr(c, it), weightDecay: c.weightDecay, maxGradNorm: c.maxGradNorm }).read();
       gradNorm = report.gradNorm;
       clipCoef = report.clipCoef;
       if (report.skipped) {
@@ -515,7 +551,7 @@ export class SelfPlayTrainer {
       frac_reward_zero_std: adv.fracRewardZeroStd,
       grad_norm: gradNorm,
       clip_coef: clipCoef,
-      learning_rate: c.lr,
+      learning_rate: scheduledLr(c, it),
       step_skipped: nonFinite ? 1 : 0,
       'judge/fallback_count': fallbacks,
       ...(this.customReward ? { 'reward/custom_fallback_count': customFallbacks } : {}),
@@ -544,6 +580,7 @@ export class SelfPlayTrainer {
       this.consecutiveSkips = 0;
     }
     this.emit({ type: 'iteration', metrics });
+    await this.gamesLog.pageOut();
     if (this.store && c.checkpointEvery > 0 && this.iteration % c.checkpointEvery === 0) await this.checkpoint();
     if (this.consecutiveSkips >= MAX_CONSECUTIVE_SKIPS) {
       throw new TrainerError(
@@ -568,13 +605,19 @@ export class SelfPlayTrainer {
   }
 
   private async rewardModelScores(queries: Query[], answers: string[]): Promise<number[][]> {
+    const G = this.config.groupSize;
+    const out = await this.rewardModelScore(answers.map((a, r) => [queries[Math.floor(r / G)]!.text, a]));
+    return Array.from({ length: queries.length }, (_, i) => out.slice(i * G, i * G + G));
+  }
+
+  /** The reward model's score of each (query, answer) conversation, in micro-batches. */
+  private async rewardModelScore(pairs: [string, string][]): Promise<number[]> {
     const rm = this.models.rewardModel;
     if (!rm) throw new TrainerError('the reward-model reward is on but no reward model is loaded; load one or turn the source off');
-    const G = this.config.groupSize;
-    const seqs = answers.map((a, r) =>
+    const seqs = pairs.map(([q, a]) =>
       rm.tokenizer.applyChatTemplate(
         [
-          { role: 'user', content: queries[Math.floor(r / G)]!.text },
+          { role: 'user', content: q },
           { role: 'assistant', content: a },
         ],
         { addGenerationPrompt: false, dateString: '22 Nov 2026' },
@@ -591,7 +634,7 @@ export class SelfPlayTrainer {
       const labels = v.length / g.length;
       g.forEach((_, b) => out.push(v[b * labels]!));
     }
-    return Array.from({ length: queries.length }, (_, i) => out.slice(i * G, i * G + G));
+    return out;
   }
 
   /** The adapter as PEFT files, named for the loaded base model. */
@@ -616,6 +659,7 @@ export class SelfPlayTrainer {
       config: this.config,
       history: this.history,
       consecutiveSkips: this.consecutiveSkips,
+      gamesLog: this.gamesLog.state(),
     };
     files.set('trainer_state.json', new TextEncoder().encode(JSON.stringify(state)));
     files.set('games.json', new TextEncoder().encode(JSON.stringify(this.games.slice(-MAX_SAVED_GAMES))));
@@ -650,7 +694,13 @@ export class SelfPlayTrainer {
    * Base model vs base + adapter on held-out instructions, judged pairwise by the
    * reference model in both orders (position swap); ties and disagreements count half.
    */
-  async evaluate(opts: { instructions?: readonly string[]; maxTokens?: number; judgeMaxTokens?: number } = {}): Promise<EvaluationResult> {
+  /**
+   * Base vs adapter on held-out instructions. The judge is the frozen reference model
+   * (pairwise, both orders; default) or the loaded reward model (the higher score wins,
+   * equal scores tie), so the evaluation need not be the model grading itself. A run
+   * with an exam also reports base and adapter exam accuracy (graded by code).
+   */
+  async evaluate(opts: { instructions?: readonly string[]; maxTokens?: number; judgeMaxTokens?: number; judge?: EvaluationJudge; exam?: boolean } = {}): Promise<EvaluationResult> {
     const { gpu, model } = this.models;
     const w = model.weights;
     const c = this.config;
@@ -669,8 +719,24 @@ export class SelfPlayTrainer {
         this.lora.enabled = true;
       }
     };
+    const judge = opts.judge ?? 'reference';
+    if (judge !== 'reference' && judge !== 'reward-model') throw new TrainerError(`evaluation judge must be "reference" or "reward-model", got ${String(judge)}`);
+    if (judge === 'reward-model' && !this.models.rewardModel) throw new TrainerError('evaluation by the reward model needs one: load a reward model (a LlamaForSequenceClassification checkpoint) first, or judge with the reference model');
     const base = await answer(false, ROLE.evalBase);
     const tuned = await answer(true, ROLE.evalAdapter);
+    const exam = this.exam && (opts.exam ?? true) ? { base: (await this.runExam({ adapter: false })).accuracy, adapter: (await this.runExam({ adapter: true })).accuracy, problems: this.exam.length } : undefined;
+    if (judge === 'reward-model') {
+      const scores = await this.rewardModelScore(instructions.flatMap((q, k): [string, string][] => [[q, tuned[k]!], [q, base[k]!]]));
+      const items = instructions.map((q, k) => {
+        const rm = { adapter: scores[2 * k]!, base: scores[2 * k + 1]! };
+        const score = rm.adapter > rm.base ? 1 : rm.adapter < rm.base ? 0 : 0.5;
+        const verdict = score === 1 ? 'A' : score === 0 ? 'B' : 'tie';
+        return { instruction: q, base: base[k]!, adapter: tuned[k]!, verdicts: [verdict, verdict] as [string | null, string | null], score, rewardScores: rm };
+      });
+      const result = tally(this.iteration, 'reward-model', items, 0, exam);
+      this.emit({ type: 'evaluation', result });
+      return result;
+    }
     const judgePrompts = instructions.flatMap((q, k) => [this.chat(pairwiseMessages(q, tuned[k]!, base[k]!)), this.chat(pairwiseMessages(q, base[k]!, tuned[k]!))]);
     this.lora.enabled = false;
     let verdicts: string[];
@@ -680,22 +746,15 @@ export class SelfPlayTrainer {
     } finally {
       this.lora.enabled = true;
     }
-    let wins = 0;
-    let ties = 0;
-    let losses = 0;
     let unparsed = 0;
     const items = instructions.map((q, k) => {
       const v1 = parsePairVerdict(verdicts[2 * k]!);
       const v2 = parsePairVerdict(verdicts[2 * k + 1]!);
       if (v1 === null) unparsed++;
       if (v2 === null) unparsed++;
-      const score = pairScore(v1, v2);
-      if (score === 1) wins++;
-      else if (score === 0) losses++;
-      else ties++;
-      return { instruction: q, base: base[k]!, adapter: tuned[k]!, verdicts: [v1, v2] as [string | null, string | null], score };
+      return { instruction: q, base: base[k]!, adapter: tuned[k]!, verdicts: [v1, v2] as [string | null, string | null], score: pairScore(v1, v2) };
     });
-    const result: EvaluationResult = { iteration: this.iteration, winRate: (wins + 0.5 * ties) / instructions.length, wins, ties, losses, unparsed, items };
+    const result = tally(this.iteration, 'reference', items, unparsed, exam);
     this.emit({ type: 'evaluation', result });
     return result;
   }
@@ -705,6 +764,14 @@ export class SelfPlayTrainer {
     this.released = true;
     this.lora.release();
   }
+}
+
+/** Wins (score 1), losses (0) and ties (anything between) of the adapter; the win rate counts ties half. */
+function tally(iteration: number, judge: EvaluationJudge, items: EvaluationItem[], unparsed: number, exam: EvaluationResult['exam']): EvaluationResult {
+  const wins = items.filter((i) => i.score === 1).length;
+  const losses = items.filter((i) => i.score === 0).length;
+  const ties = items.length - wins - losses;
+  return { iteration, judge, winRate: (wins + 0.5 * ties) / items.length, wins, ties, losses, unparsed, items, ...(exam ? { exam } : {}) };
 }
 
 /** A completion batch whose scored rows are listed once (`flat`), with each sequence's positions in that list. */
@@ -765,7 +832,10 @@ export function readOptimizerState(bytes: Uint8Array): LoraOptimizerState {
   for (const [name, info] of st.header.tensors) {
     if (info.dtype !== 'F32') throw new TrainerError(`optimizer.safetensors: ${name} is ${info.dtype}, expected F32`);
     const raw = st.bytes(name);
-    tensors.set(name, { shape: info.shape.slice(), data: new Float32Array(raw.slice().buffer) });
+    const data = new Float32Array(raw.slice().buffer);
+    const bad = nonFiniteCount(data);
+    if (bad > 0) throw new TrainerError(`optimizer.safetensors: ${name} holds ${bad} non-finite value(s) (NaN or infinity); the checkpoint is damaged, resume from an earlier one or start the run again from its exported adapter`);
+    tensors.set(name, { shape: info.shape.slice(), data });
   }
   return { step, tensors };
 }

@@ -110,10 +110,16 @@ export interface EvaluationItem {
   verdicts: [string | null, string | null];
   /** 1 win, 0.5 tie or disagreement, 0 loss for the adapter. */
   score: number;
+  /** The reward model's scores, when it judged. */
+  rewardScores?: { base: number; adapter: number };
 }
+
+/** Who compares base and adapter answers: the frozen reference model (pairwise) or the loaded reward model. */
+export type EvaluationJudge = 'reference' | 'reward-model';
 
 export interface EvaluationResult {
   iteration: number;
+  judge: EvaluationJudge;
   /** Adapter win rate against the base model, ties counted half. */
   winRate: number;
   wins: number;
@@ -122,6 +128,8 @@ export interface EvaluationResult {
   /** Judgements whose verdict could not be parsed. */
   unparsed: number;
   items: EvaluationItem[];
+  /** Held-out exam accuracy of base and adapter (graded by code), when the run has an exam. */
+  exam?: { base: number; adapter: number; problems: number };
 }
 
 /** The files of one saved run state; all names are plain file names. */
@@ -137,6 +145,13 @@ export interface RunStore {
   save(files: RunFiles): Promise<void>;
   /** The last complete checkpoint, or null when there is none. */
   load(): Promise<RunFiles | null>;
-  /** Deletes every checkpoint of this run. */
+  /** Deletes every checkpoint of this run (and its games log). */
   clear(): Promise<void>;
+  /**
+   * The run's games log (games-log.ts): chunk n of the games paged out of memory, kept
+   * beside the checkpoints, not inside them. Written whole; a chunk n a failed or
+   * unsaved iteration left is written over. Stores without these keep older games in memory.
+   */
+  writeGameChunk?(n: number, bytes: Uint8Array): Promise<void>;
+  readGameChunk?(n: number): Promise<Uint8Array | null>;
 }

@@ -2,11 +2,13 @@
  * What the controls do: each action calls the worker and writes its reply into the
  * store; failures become messages on the page (never thrown into React).
  */
-import { makeConfig, type TrainerConfig } from '../selfplay/config';
+import { makeConfig, microDemoConfig, type TrainerConfig } from '../selfplay/config';
 import type { CustomRewardSpec, SandboxReply } from '../selfplay/custom-reward';
+import type { EvaluationJudge } from '../selfplay/types';
+import type { GameQuery, GameSearchResult } from '../selfplay/games-log';
 import type { LabClient } from '../worker/client';
 import type { ErrorContext, ExportedFile, ModelChoice, WeightFormat } from '../worker/protocol';
-import { planSettingsFor } from '../worker/catalog';
+import { planSettingsFor, QUICK_DEMO } from '../worker/catalog';
 import { live } from './live';
 import { addError, useLab } from './store';
 
@@ -105,6 +107,17 @@ export class LabActions {
     }
   }
 
+  /**
+   * The quick demo in one press: loads the micro model from the served models/ folder
+   * (with its exam), takes the demo's settings and starts the run.
+   */
+  async quickDemo(): Promise<void> {
+    if (!(await this.loadModel(QUICK_DEMO.model, undefined, QUICK_DEMO.format, false))) return;
+    const msg = this.setDraft(microDemoConfig());
+    if (msg) return addError('settings', { name: 'ConfigError', message: msg }, true);
+    await this.start();
+  }
+
   async start(): Promise<void> {
     // The worker announces the new run (run-reset) before its first event; the old run's view goes then.
     const run = await this.guard('run', () => this.client.call('start', { config: useLab.getState().draft }));
@@ -152,7 +165,7 @@ export class LabActions {
     useLab.setState({ loading: false });
     if (run) {
       live.reset();
-      useLab.setState({ runConfig: run.config, draft: run.config, iteration: run.iteration, history: run.history, games: run.games, customReward: saved?.customReward ?? null });
+      useLab.setState({ runConfig: run.config, draft: run.config, iteration: run.iteration, history: run.history, games: run.games, gamesTotal: run.gamesTotal ?? run.games.length, customReward: saved?.customReward ?? null });
     }
   }
 
@@ -177,15 +190,15 @@ export class LabActions {
       this.client.call('importAdapter', { files, config: useLab.getState().draft }, files.map((f) => f.bytes)),
     );
     if (run) {
-      useLab.setState({ runConfig: run.config, iteration: run.iteration, history: run.history, games: run.games });
+      useLab.setState({ runConfig: run.config, iteration: run.iteration, history: run.history, games: run.games, gamesTotal: run.gamesTotal ?? run.games.length });
       useLab.setState((s) => ({ notices: [...s.notices, `Adapter imported (${picked.map((f) => f.name).join(', ')}).`] }));
     }
     return !!run;
   }
 
-  async evaluate(maxTokens?: number): Promise<void> {
+  async evaluate(maxTokens?: number, judge: EvaluationJudge = 'reference'): Promise<void> {
     useLab.setState({ evaluating: true });
-    const result = await this.guard('evaluate', () => this.client.call('evaluate', { maxTokens }));
+    const result = await this.guard('evaluate', () => this.client.call('evaluate', { maxTokens, judge }));
     useLab.setState({ evaluating: false });
     if (result) useLab.setState({ evaluation: result });
   }
@@ -200,6 +213,11 @@ export class LabActions {
   /** One call of a reward source on a sample (query, answer); the failure's words when it has no number. */
   async tryCustomReward(spec: CustomRewardSpec, query: string, answer: string): Promise<SandboxReply | undefined> {
     return this.guard('settings', () => this.client.call('tryCustomReward', { spec, query, answer }));
+  }
+
+  /** The whole game history searched in the worker (the page holds only the newest games). */
+  async searchGames(q: GameQuery): Promise<GameSearchResult | undefined> {
+    return this.guard('run', () => this.client.call('searchGames', q));
   }
 }
 

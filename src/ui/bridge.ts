@@ -2,6 +2,7 @@
  * The one place worker events become page state: store updates for everything that
  * changes at most once per game, the live buffer for streaming tokens.
  */
+import { MEMORY_GAMES } from '../selfplay/games-log';
 import type { LabEvent } from '../worker/protocol';
 import { live, type LiveBuffer } from './live';
 import { addError, useLab } from './store';
@@ -32,7 +33,7 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
       break;
     case 'run-reset':
       buffer.reset();
-      set({ runConfig: e.config, history: [], games: [], iteration: 0, phase: null, skipped: [], lastCheckpoint: null, evaluation: null });
+      set({ runConfig: e.config, history: [], games: [], gamesTotal: 0, iteration: 0, phase: null, skipped: [], lastCheckpoint: null, evaluation: null });
       break;
     case 'saved-run':
       set({ savedRun: e.info });
@@ -48,7 +49,8 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
       buffer.token(e.iteration, e.role, e.query, e.answer, e.delta);
       break;
     case 'game':
-      set((s) => ({ games: [...s.games, e.game] }));
+      // The newest games only: a run of hours would otherwise hold every game; the worker searches the rest.
+      set((s) => ({ games: [...(s.games.length >= MEMORY_GAMES ? s.games.slice(s.games.length - MEMORY_GAMES + 1) : s.games), e.game], gamesTotal: s.gamesTotal + 1 }));
       break;
     case 'iteration':
       set((s) => ({ history: [...s.history, e.metrics], iteration: e.metrics.iteration + 1 }));

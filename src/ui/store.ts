@@ -49,7 +49,10 @@ export interface RunSlice {
   /** The settings the next run starts with. */
   draft: TrainerConfig;
   history: IterationMetrics[];
+  /** The newest games (at most MEMORY_GAMES); older ones are searched in the worker (searchGames). */
   games: GameRecord[];
+  /** Games of the whole run, in memory or not. */
+  gamesTotal: number;
   skipped: { iteration: number; reason: string }[];
   lastCheckpoint: { iteration: number; bytes: number } | null;
   evaluation: EvaluationResult | null;
@@ -105,6 +108,7 @@ export const initialState: LabState = {
   draft: DEFAULT_CONFIG,
   history: [],
   games: [],
+  gamesTotal: 0,
   skipped: [],
   lastCheckpoint: null,
   evaluation: null,

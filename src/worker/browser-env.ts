@@ -11,10 +11,12 @@ import type { LabEnvironment, RunMetaStore, TrainerFactory } from './lab';
 import type { SavedRunInfo } from './protocol';
 
 const RUNS_DIR = 'selfplay-lab-runs';
-const RUN_NAME = 'current';
+/** The run the lab checkpoints to, under runsDirectory(). */
+export const RUN_NAME = 'current';
 const META_FILE = 'current.meta.json';
 
-async function runsDirectory(): Promise<DirectoryHandleLike | null> {
+/** The folder of saved runs in the origin private file system; null without one. */
+export async function runsDirectory(): Promise<DirectoryHandleLike | null> {
   const storage = typeof navigator !== 'undefined' ? navigator.storage : undefined;
   if (!storage?.getDirectory) return null;
   const top = (await storage.getDirectory()) as unknown as DirectoryHandleLike;

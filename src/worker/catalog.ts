@@ -96,10 +96,19 @@ export function planSettingsFor(config: TrainerConfig, format: WeightFormat): Pl
 export const QUICK_DEMO = {
   label: 'Quick demo: micro model learns addition',
   note: 'a 0.3 MB model pretrained to be half right at adding numbers up to 99; watch its held-out exam accuracy while it plays against itself',
-  model: { kind: 'served', folder: 'micro-arith' } as ModelChoice,
+  model: { kind: 'served' as const, folder: 'micro-arith' } satisfies ModelChoice,
   format: 'f32' as WeightFormat,
-  /** Fetched from the served folder and handed to the trainer as its exam. */
+  /** The folder's held-out exam; the lab reads exam.json from any model folder that has one. */
   examFile: 'exam.json',
   /** The settings microDemoConfig() in src/selfplay/config.ts starts from. */
   config: MICRO_DEMO_SETTINGS,
 };
+
+/**
+ * A GPU on which the quick demo is offered first. WebGPU does not say how much memory
+ * a GPU has, so "small" is what the adapter does say: a software adapter, no
+ * shader-f16, or buffers under 1 GiB (the default 3B model needs several GB).
+ */
+export function isSmallGpu(caps: { adapterName: string; f16: boolean; maxBufferSize: number }): boolean {
+  return /swiftshader|llvmpipe|lavapipe|software|microsoft basic render/i.test(caps.adapterName) || !caps.f16 || caps.maxBufferSize < 2 ** 30;
+}

@@ -16,8 +16,10 @@ import type { ModelSource } from '../model/source';
 import { loadTokenizer, type ChatTokenizer } from '../model/tokenizer';
 import { DEFAULT_CONFIG, makeConfig, type TrainerConfig } from '../selfplay/config';
 import { CustomReward, summarizeFailures, type CustomRewardSpec, type RewardHook, type SandboxFactory } from '../selfplay/custom-reward';
+import { parseExam, type ExamProblem } from '../selfplay/exam';
+import { gameMatches, SEARCH_LIMIT, type GameQuery, type GameSearchResult } from '../selfplay/games-log';
 import { reportFiles } from '../selfplay/report';
-import type { EvaluationResult, GameRecord, IterationMetrics, RunFiles, RunStore, TrainerEvent } from '../selfplay/types';
+import type { EvaluationJudge, EvaluationResult, GameRecord, IterationMetrics, RunFiles, RunStore, TrainerEvent } from '../selfplay/types';
 import { modelLabel, planSettingsFor } from './catalog';
 import { CachedOnlySource, checkRunFits, downloadBytes, parameterCount, planFor, refFor, sourceFor } from './models';
 import {
@@ -50,12 +52,24 @@ export interface Trainer {
   checkpoint(): Promise<void>;
   exportFiles(): Promise<RunFiles>;
   importAdapter(files: PeftInput): void;
-  evaluate(opts?: { instructions?: string[]; maxTokens?: number }): Promise<EvaluationResult>;
+  evaluate(opts?: { instructions?: string[]; maxTokens?: number; judge?: EvaluationJudge }): Promise<EvaluationResult>;
   release(): void;
   /** The user's own reward, scored from the next iteration on (null: none). */
   customReward?: RewardHook | null;
   /** The run's adapter, for chat (absent: chat answers with the base model only). */
   readonly lora?: InferenceLora;
+  /** The held-out exam the model's folder ships (exam.json), run every config.examEvery iterations. */
+  exam?: ExamProblem[] | null;
+  /** The whole game history when `games` holds only the newest (games-log.ts); absent: `games` is all of it. */
+  readonly gamesTotal?: number;
+  searchGames?(q: GameQuery): Promise<GameSearchResult>;
+  allGames?(): Promise<GameRecord[]>;
+}
+
+/** Search over games in memory only (a trainer without a games log). */
+function searchInMemory(games: readonly GameRecord[], q: GameQuery): GameSearchResult {
+  const all = games.filter((g) => gameMatches(g, q)).reverse();
+  return { games: all.slice(0, q.limit ?? SEARCH_LIMIT), total: all.length, searched: games.length };
 }
 
 export interface TrainerModels {
@@ -89,12 +103,16 @@ export interface LabEnvironment {
   rewardSandbox?: SandboxFactory;
 }
 
+const EXAM_FILE = 'exam.json';
+
 interface Loaded {
   model: LoadedModel;
   tokenizer: ChatTokenizer;
   ref: ModelRef;
   format: WeightFormat;
   info: ModelInfo;
+  /** The model folder's exam.json, when it has one. */
+  exam: ExamProblem[] | null;
 }
 
 /** Progress of a download with its rate over the last few seconds. */
@@ -279,7 +297,8 @@ export class Lab {
     exportRun: async () => {
       const trainer = this.requireTrainer();
       const files = await this.serial(() => trainer.exportFiles());
-      for (const [name, bytes] of reportFiles(trainer.games, trainer.history)) files.set(name, bytes);
+      const games = (await trainer.allGames?.()) ?? trainer.games;
+      for (const [name, bytes] of reportFiles(games, trainer.history)) files.set(name, bytes);
       return { files: [...files].map(([name, bytes]) => ({ name, bytes: bytes.slice().buffer as ArrayBuffer })) };
     },
     importAdapter: async ({ files, config }) => {
@@ -321,6 +340,12 @@ export class Lab {
       const cache = await this.env.modelCache();
       await cache?.delete(key);
       return this.listCached();
+    },
+    // Not serialised with GPU work: it reads only complete chunks of the games log, so a search answers while a run steps.
+    searchGames: async (q) => {
+      const t = this.trainer;
+      if (!t) return { games: [], total: 0, searched: 0 };
+      return t.searchGames ? t.searchGames(q) : searchInMemory(t.games, q);
     },
     setCustomReward: async ({ spec }) => {
       await this.setCustomReward(spec);
@@ -367,6 +392,7 @@ export class Lab {
 
   private deviceLost(err: Error): void {
     // Everything on the device is gone; the checkpoint in storage is not.
+    const inFlight = this.trainer !== null && (this.state === 'running' || this.state === 'pausing');
     this.gpu = null;
     this.capabilities = null;
     this.trainer = null;
@@ -377,8 +403,14 @@ export class Lab {
     this.setState('idle');
     this.emit({ type: 'model-unloaded', reason: err.message });
     this.emit({ type: 'reward-model', info: null });
-    this.emit({ type: 'error', context: 'gpu', error: errorInfo(err), runPreserved: true });
-    void this.savedRun().then((info) => this.emit({ type: 'saved-run', info }));
+    // What to do next depends on the saved run: name its iteration and how to continue it.
+    void this.savedRun().then((info) => {
+      const run = info
+        ? ` Your run is saved at iteration ${info.iteration}${inFlight ? ' (the iteration in flight is lost)' : ''}: "Resume saved run" on the start screen continues it from there.`
+        : '';
+      this.emit({ type: 'error', context: 'gpu', error: { ...errorInfo(err), message: err.message + run }, runPreserved: true });
+      this.emit({ type: 'saved-run', info });
+    });
   }
 
   // ---- models ---------------------------------------------------------------------
@@ -453,7 +485,7 @@ export class Lab {
     this.emit({ type: 'load-progress', phase: 'tokenizer', file: 'tokenizer.json', bytesDone: 0, bytesTotal: 0, rate: 0, etaSeconds: null });
     let tokenizer: ChatTokenizer;
     try {
-      tokenizer = await loadTokenizer(model.files);
+      tokenizer = await loadTokenizer(model.files, model.weights.config.vocabSize);
     } catch (e) {
       model.weights.release();
       throw e;
@@ -473,9 +505,38 @@ export class Lab {
       vocabSize: cfg.vocabSize,
       gpuBytes: model.weights.bytes,
       hasChatTemplate: tokenizer.hasChatTemplate,
+      examProblems: 0,
     };
+    // A model read from the cache reads nothing from the network, not even to look for an exam.
+    const exam = role === 'policy' ? await this.readExam(model.files, model.fromCache ? model.files : source) : null;
+    info.examProblems = exam?.length ?? 0;
     this.emit({ type: 'load-progress', phase: 'done', file: '', bytesDone: 1, bytesTotal: 1, rate: 0, etaSeconds: 0 });
-    return { model, tokenizer, ref, format, info };
+    return { model, tokenizer, ref, format, info, exam };
+  }
+
+  /**
+   * The held-out exam a model folder may ship (exam.json, as models/micro-arith does),
+   * from the loaded files or else the original source (the cache keeps only what the
+   * engine loads). A folder without one has none; a damaged one is reported and the
+   * model works without an exam.
+   */
+  private async readExam(files: ModelSource, source: ModelSource): Promise<ExamProblem[] | null> {
+    for (const s of files === source ? [files] : [files, source]) {
+      let present = false;
+      try {
+        present = await s.has(EXAM_FILE);
+      } catch {
+        continue; // e.g. the hub unreachable for a cached model: no exam from there
+      }
+      if (!present) continue;
+      try {
+        return parseExam(await s.readJson(EXAM_FILE), `${s.name}/${EXAM_FILE}`).problems;
+      } catch (e) {
+        this.emit({ type: 'error', context: 'load', error: errorInfo(e), runPreserved: true });
+        return null;
+      }
+    }
+    return null;
   }
 
   private async listCached(): Promise<CachedModelInfo[]> {
@@ -517,6 +578,7 @@ export class Lab {
       this.trainer?.release();
       this.trainer = next;
       next.customReward = this.customReward;
+      next.exam = this.loaded!.exam;
       this.pending = config;
       // Before any event of the new run: the page drops the old run's games and metrics.
       this.emit({ type: 'run-reset', config: next.config });
@@ -581,6 +643,7 @@ export class Lab {
     const trainer = await this.serial(() => this.env.trainers.resume(models, store, { onEvent: this.onTrainerEvent }));
     if (!trainer) throw new Error('The saved run has no checkpoint to continue from (it was saved before its first iteration finished). Start a new run.');
     this.trainer = trainer;
+    trainer.exam = this.loaded!.exam;
     if (saved.customReward && this.env.rewardSandbox) {
       try {
         await this.setCustomReward(saved.customReward);
@@ -594,7 +657,7 @@ export class Lab {
 
   private runInfo(): RunInfo {
     const t = this.requireTrainer();
-    return { iteration: t.iteration, config: t.config, history: t.history.slice(), games: t.games.slice() };
+    return { iteration: t.iteration, config: t.config, history: t.history.slice(), games: t.games.slice(), gamesTotal: t.gamesTotal ?? t.games.length };
   }
 
   private setState(state: RunState): void {
@@ -621,6 +684,10 @@ export class Lab {
           }
           const info = errorInfo(e);
           const context: ErrorContext = /storage|quota/i.test(info.message) ? 'storage' : 'run';
+          // A checkpoint that could not be saved: the iteration it would have kept lives on in this tab.
+          if (context === 'storage') {
+            info.message += ` The run stays here at iteration ${trainer.iteration}: once there is space, the next iteration's checkpoint (Step or Resume) saves it, and Export keeps its adapter now.`;
+          }
           this.emit({ type: 'error', context, error: info, runPreserved: true });
           break;
         }

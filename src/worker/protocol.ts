@@ -11,7 +11,8 @@ import type { GpuCapabilities } from '../gpu/gpu';
 import type { MemoryPlan } from '../model/memory';
 import type { DeepPartial, TrainerConfig } from '../selfplay/config';
 import type { CustomRewardSpec, SandboxReply } from '../selfplay/custom-reward';
-import type { EvaluationResult, GameRecord, IterationMetrics, TrainerEvent } from '../selfplay/types';
+import type { GameQuery, GameSearchResult } from '../selfplay/games-log';
+import type { EvaluationJudge, EvaluationResult, GameRecord, IterationMetrics, TrainerEvent } from '../selfplay/types';
 
 /** Where a model comes from, in a form that can cross to the worker and be saved with a run. */
 export type ModelChoice =
@@ -82,6 +83,8 @@ export interface ModelInfo {
   vocabSize: number;
   gpuBytes: number;
   hasChatTemplate: boolean;
+  /** Problems in the held-out exam the model folder ships (exam.json); 0 when it has none. */
+  examProblems: number;
 }
 
 export interface ModelSummary {
@@ -102,7 +105,10 @@ export interface RunInfo {
   iteration: number;
   config: TrainerConfig;
   history: IterationMetrics[];
+  /** The newest games (at most MEMORY_GAMES); searchGames finds older ones. */
   games: GameRecord[];
+  /** Games of the whole run (absent: `games` is all of them). */
+  gamesTotal?: number;
 }
 
 export interface ChatAnswer {
@@ -157,7 +163,7 @@ export interface Commands {
   updateSettings: { args: { config: DeepPartial<TrainerConfig> }; result: { config: TrainerConfig; appliesNow: boolean } };
   exportRun: { args: Record<string, never>; result: { files: ExportedFile[] } };
   importAdapter: { args: { files: ExportedFile[]; config?: DeepPartial<TrainerConfig> }; result: RunInfo };
-  evaluate: { args: { instructions?: string[]; maxTokens?: number }; result: EvaluationResult };
+  evaluate: { args: { instructions?: string[]; maxTokens?: number; judge?: EvaluationJudge }; result: EvaluationResult };
   /** Loads the saved run's model (from the cache when it is there) and continues the run where it was saved. */
   resumeSaved: { args: { token?: string; files?: { path: string; file: File }[] }; result: RunInfo };
   /** Drops the run in memory and the saved one. */
@@ -171,6 +177,8 @@ export interface Commands {
   /** Calls a reward source once on (query, answer) in a fresh sandbox: its number, or why there is none. */
   tryCustomReward: { args: { spec: CustomRewardSpec; query: string; answer: string }; result: SandboxReply };
   deleteCached: { args: { key: string }; result: CachedModelInfo[] };
+  /** Searches the run's whole game history (in memory and paged out to the run store), newest first. */
+  searchGames: { args: GameQuery; result: GameSearchResult };
 }
 
 export type CommandKind = keyof Commands;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { checkLlamaTensors, llamaTensorShapes, parseLlamaConfig } from '../../src/formats/llama-config';
+import { LLAMA_SIZE_LIMITS, MAX_LLAMA_PARAMETERS, checkLlamaTensors, llamaParameterCount, llamaTensorShapes, parseLlamaConfig, type LlamaSizeField } from '../../src/formats/llama-config';
 import { formatErrorOf } from './helpers';
 
 /** meta-llama/Llama-3.2-3B-Instruct config.json. */
@@ -203,5 +203,79 @@ describe('llamaTensorShapes / checkLlamaTensors', () => {
     expect(formatErrorOf(() => checkLlamaTensors(cfg, missing, 'model.safetensors')).message).toContain(
       'model.safetensors, tensor "model.layers.20.mlp.down_proj.weight": is missing from the checkpoint',
     );
+  });
+});
+
+describe('absurd sizes in config.json', () => {
+  /** Runs f, which must throw, and returns its message with the time it took. */
+  const timed = (f: () => unknown): { message: string; ms: number } => {
+    const t0 = performance.now();
+    const message = formatErrorOf(f).message;
+    return { message, ms: performance.now() - t0 };
+  };
+  const rm = (): Record<string, unknown> => ({ ...base(), architectures: ['LlamaForSequenceClassification'], num_labels: 1 });
+
+  it('refuses num_hidden_layers = 1e9 at once, naming the field, before any walk over the layers', () => {
+    const { message, ms } = timed(() => parseLlamaConfig({ ...base(), num_hidden_layers: 1e9 }, 'config.json'));
+    expect(message).toBe(
+      'config.json, num_hidden_layers: is 1000000000, far beyond any real model (Llama 3.1 405B has 126); the lab accepts at most 1024. ' +
+        "The file is damaged or was edited by hand: use the original config.json from the model's repository.",
+    );
+    expect(ms).toBeLessThan(1000);
+  });
+
+  it('refuses every other size far beyond any real model, naming it', () => {
+    for (const field of Object.keys(LLAMA_SIZE_LIMITS) as LlamaSizeField[]) {
+      const cfg = field === 'num_labels' ? rm() : base();
+      const { message, ms } = timed(() => parseLlamaConfig({ ...cfg, [field]: 1e9 }, 'config.json'));
+      expect(message, field).toContain(`config.json, ${field}: is 1000000000, far beyond any real model`);
+      expect(ms, field).toBeLessThan(1000);
+      // One past the cap is refused; the cap itself is not refused for being too large.
+      const max = LLAMA_SIZE_LIMITS[field].max;
+      expect(timed(() => parseLlamaConfig({ ...cfg, [field]: max + 1 }, 'config.json')).message, field).toContain(`${field}: is ${max + 1}, far beyond`);
+      let atCap = '';
+      try {
+        parseLlamaConfig({ ...cfg, [field]: max }, 'config.json');
+      } catch (e) {
+        atCap = (e as Error).message;
+      }
+      expect(atCap, field).not.toContain('far beyond');
+    }
+  });
+
+  it('refuses a model too large for any device, naming the fields, and accepts the largest real one', () => {
+    const huge = { ...base(), num_hidden_layers: 1024, hidden_size: 65536, intermediate_size: 262144, num_attention_heads: 512, num_key_value_heads: 8 };
+    const { message, ms } = timed(() => parseLlamaConfig(huge, 'config.json'));
+    expect(message).toMatch(
+      /^config\.json, num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, head_dim, vocab_size: num_hidden_layers 1024, hidden_size 65536, intermediate_size 262144, num_attention_heads 512 x head_dim 128 and vocab_size 128256 make 6\.17e\+13 parameters \(30\.9 TB even in 4 bits\), more than any device holds; the lab accepts at most 1e12 parameters\. /,
+    );
+    expect(ms).toBeLessThan(1000);
+    // Llama 3.1 405B's config.json (meta-llama/Llama-3.1-405B-Instruct) loads.
+    const llama405b = parseLlamaConfig(
+      { ...base(), num_hidden_layers: 126, hidden_size: 16384, intermediate_size: 53248, num_attention_heads: 128, num_key_value_heads: 8, tie_word_embeddings: false },
+      'config.json',
+    );
+    expect(llamaParameterCount(llama405b)).toBeLessThan(MAX_LLAMA_PARAMETERS);
+    expect(llamaParameterCount(llama405b) / 1e9).toBeCloseTo(405.85, 1);
+  });
+
+  it('counts parameters in closed form, as the tensor list sums them', () => {
+    const sum = (c: Parameters<typeof llamaTensorShapes>[0]) => [...llamaTensorShapes(c).values()].reduce((n, s) => n + s.reduce((a, b) => a * b, 1), 0);
+    const configs = [base(), { ...base(), tie_word_embeddings: false }, { ...rm(), num_labels: 3 }, { ...base(), num_hidden_layers: 3, hidden_size: 64, head_dim: 16, num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 96 }];
+    for (const c of configs) {
+      const cfg = parseLlamaConfig(c, 'config.json');
+      expect(llamaParameterCount(cfg)).toBe(sum(cfg));
+    }
+    // Llama-3.2-3B as its model card states it: 3.21B.
+    expect(llamaParameterCount(parseLlamaConfig(LLAMA_32_3B, 'config.json'))).toBe(3212749824);
+  });
+
+  it('llamaTensorShapes refuses a hand-built config with a billion layers at once', () => {
+    const cfg = parseLlamaConfig(LLAMA_32_3B, 'config.json');
+    const { message, ms } = timed(() => llamaTensorShapes({ ...cfg, numLayers: 1e9 }));
+    expect(message).toContain('config.json, num_hidden_layers: is 1000000000, far beyond any real model');
+    expect(ms).toBeLessThan(1000);
+    expect(timed(() => llamaTensorShapes({ ...cfg, vocabSize: 2 ** 40 })).message).toContain('config.json, vocab_size: is 1099511627776');
+    expect(timed(() => llamaTensorShapes({ ...cfg, numLayers: 0.5 })).message).toContain('config.json, num_hidden_layers: is 0.5, expected a positive integer');
   });
 });

@@ -29,7 +29,7 @@ const DIR = join(ROOT, 'models', 'micro-arith');
 const record = JSON.parse(readFileSync(join(DIR, 'micro.json'), 'utf8')) as { baseExamAccuracy: number };
 const exam = parseExam(JSON.parse(readFileSync(join(DIR, 'exam.json'), 'utf8')));
 const ITERATIONS = 20;
-const MIN_GAIN = 0.002; // mean gain minus three spreads over seeds 0-2 (README); one more right answer of 240 passes
+const MIN_GAIN = 0.018; // mean gain 0.0675 minus three spreads (0.0162) over seeds 0-4 is 0.0188 (README); 5 more right answers of 240 pass
 
 describe('self-play on micro-arith', () => {
   const gpu = useGpu();

@@ -8,7 +8,6 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loraModelShape, readAdapter } from '../../src/formats/peft';
-import { parseSafetensors, writeSafetensors } from '../../src/formats/safetensors';
 import { sequenceLogprobs, type TokenBatch } from '../../src/model/llama';
 import { loadLlama, type LoadedModel } from '../../src/model/load';
 import { LoraAdapter } from '../../src/model/lora';
@@ -107,18 +106,12 @@ describe('self-play trainer', () => {
   });
 
   it('a non-finite loss skips the update: adapter, optimizer and step count are kept, the skip is reported', { timeout: TIMEOUT }, async () => {
-    const files = await fixtureAdapter();
-    const st = parseSafetensors(files['adapter_model.safetensors'], 'adapter');
-    const tensors = [...st.header.tensors.keys()].map((name) => {
-      const t = st.tensor(name);
-      const data = new Float32Array(t.data.slice().buffer);
-      if (name.includes('layers.0.self_attn.q_proj.lora_B')) data[3] = Number.NaN;
-      return { name, dtype: 'F32' as const, shape: t.shape, data };
-    });
-    const poisoned = { ...files, 'adapter_model.safetensors': writeSafetensors(tensors, { format: 'pt' }) };
     const events: TrainerEvent[] = [];
-    const t = SelfPlayTrainer.start(models, toy(), { adapter: poisoned, onEvent: (e) => events.push(e) });
+    const t = SelfPlayTrainer.start(models, toy(), { adapter: await fixtureAdapter(), onEvent: (e) => events.push(e) });
     expect(t.config.lora.r).toBe(8); // the imported adapter's settings win
+    // A NaN in lora_B on the GPU (an import with one is refused, naming the key): the loss turns non-finite.
+    const q = t.lora.modules.find((m) => m.layer === 0 && m.module === 'q_proj')!;
+    models.gpu.write(q.B.value, Float32Array.of(Number.NaN), 3 * 4);
     const before = (await t.exportFiles()).get('adapter_model.safetensors');
     const m = await t.step();
     expect(m.values.step_skipped).toBe(1);

@@ -6,7 +6,10 @@
 import { describe, expect, it } from 'vitest';
 import { parseLlamaConfig } from '../../src/formats/llama-config';
 import { planMemory } from '../../src/model/memory';
-import { KNOWN_MODELS, knownModel } from '../../src/worker/catalog';
+import { isSmallGpu, KNOWN_MODELS, knownModel, QUICK_DEMO } from '../../src/worker/catalog';
+import { parseExam } from '../../src/selfplay/exam';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 
 const llama = (o: { hidden: number; inter: number; layers: number; heads: number; kv: number; headDim: number; vocab: number; tied: boolean }) =>
   parseLlamaConfig(
@@ -61,5 +64,24 @@ describe('the model picker', () => {
       console.log(`${m.id}: planned ${planned} bytes, shown ${m.gpuBytes}`);
       expect(Math.abs(m.gpuBytes - planned) / planned, m.id).toBeLessThan(0.05);
     }
+  });
+});
+
+describe('the quick demo', () => {
+  it('is offered first on a software adapter, without shader-f16 or with buffers under 1 GiB, and after the picker on a capable GPU', () => {
+    const gpu = { adapterName: 'nvidia / ada / RTX 4090', f16: true, maxBufferSize: 4 * 2 ** 30 };
+    expect(isSmallGpu(gpu)).toBe(false);
+    expect(isSmallGpu({ ...gpu, adapterName: 'google / swiftshader / SwiftShader Device (Subzero)' })).toBe(true);
+    expect(isSmallGpu({ ...gpu, adapterName: 'mesa / llvmpipe (LLVM 19, 256 bits)' })).toBe(true);
+    expect(isSmallGpu({ ...gpu, f16: false })).toBe(true);
+    expect(isSmallGpu({ ...gpu, maxBufferSize: 2 ** 30 - 1 })).toBe(true);
+  });
+
+  it('loads the committed micro model, which ships the exam the demo charts', () => {
+    const dir = join('models', QUICK_DEMO.model.folder);
+    expect(existsSync(join(dir, 'config.json'))).toBe(true);
+    const exam = parseExam(JSON.parse(readFileSync(join(dir, QUICK_DEMO.examFile), 'utf8')));
+    expect(exam.problems.length).toBeGreaterThanOrEqual(200);
+    expect(QUICK_DEMO.config.examEvery).toBeGreaterThan(0);
   });
 });

@@ -25,6 +25,7 @@ import { syntheticModel, TINY_DIR } from '../helpers/model-files';
 /** A trainer whose every step waits until the test calls release(); a step can be told to fail. */
 class ScriptedTrainer implements Trainer {
   iteration = 0;
+  exam?: { question: string; answer: number }[] | null;
   history: IterationMetrics[] = [];
   games = [];
   onEvent: (e: TrainerEvent) => void;
@@ -88,7 +89,7 @@ class ScriptedTrainer implements Trainer {
     this.imported.push(files);
   }
   evaluate(opts?: { instructions?: string[]; maxTokens?: number }): Promise<EvaluationResult> {
-    const result: EvaluationResult = { iteration: this.iteration, winRate: 0.75, wins: 1, ties: 1, losses: 0, unparsed: 0, items: [] };
+    const result: EvaluationResult = { iteration: this.iteration, judge: 'reference', winRate: 0.75, wins: 1, ties: 1, losses: 0, unparsed: 0, items: [] };
     this.onEvent({ type: 'evaluation', result: { ...result, unparsed: opts?.maxTokens ?? -1 } });
     return Promise.resolve(result);
   }
@@ -222,6 +223,26 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     });
     expect(run.iteration).toBe(4);
     expect(t.imported.map((f) => [new TextDecoder().decode(f['adapter_config.json'] as Uint8Array), new TextDecoder().decode(f['adapter_model.safetensors'])])).toEqual([['{"r": 4}', 'weights']]);
+  });
+
+  it("hands the model folder's exam.json to the run (the quick demo's micro model); a folder without one gives none", async () => {
+    const { lab } = make();
+    await lab.handle('check', {});
+    const micro = await lab.handle('loadModel', { model: { kind: 'served', folder: 'micro-arith' }, format: 'f32', useCache: false });
+    const exam = JSON.parse(readFileSync(join('models', 'micro-arith', 'exam.json'), 'utf8')) as { problems: { question: string; answer: number }[] };
+    expect(micro.examProblems).toBe(exam.problems.length);
+    await lab.handle('start', { config: { world: 'freeform-arithmetic', mode: 'lsp-zero', arithmeticMaxOperand: 99, examEvery: 5 } });
+    expect(trainer().exam).toEqual(exam.problems);
+    const paused = lab.handle('pause', {});
+    await trainer().finishStep();
+    await paused;
+    const tiny = await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
+    expect(tiny.examProblems).toBe(0);
+    await lab.handle('start', { config: { world: 'arithmetic', mode: 'lsp-zero' } });
+    expect(trainer().exam).toBeNull();
+    const pausedAgain = lab.handle('pause', {});
+    await trainer().finishStep();
+    await pausedAgain;
   });
 
   it('reports a failed step (storage full) with the run kept, and refuses a bad adapter with the file named', async () => {

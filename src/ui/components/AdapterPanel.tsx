@@ -1,5 +1,6 @@
 import { useState } from 'react';
 import { useShallow } from 'zustand/react/shallow';
+import type { EvaluationJudge } from '../../selfplay/types';
 import type { DownloadLink } from '../actions';
 import { useActions } from '../context';
 import { formatBytes, formatValue } from '../format';
@@ -7,10 +8,12 @@ import { useLab } from '../store';
 
 export function AdapterPanel() {
   const actions = useActions();
-  const { runConfig, runState, evaluation, evaluating } = useLab(
-    useShallow((s) => ({ runConfig: s.runConfig, runState: s.runState, evaluation: s.evaluation, evaluating: s.evaluating })),
+  const { runConfig, runState, evaluation, evaluating, rewardModel } = useLab(
+    useShallow((s) => ({ runConfig: s.runConfig, runState: s.runState, evaluation: s.evaluation, evaluating: s.evaluating, rewardModel: s.rewardModel })),
   );
   const [links, setLinks] = useState<DownloadLink[]>([]);
+  const [judge, setJudge] = useState<EvaluationJudge>('reference');
+  const judgeNow: EvaluationJudge = rewardModel ? judge : 'reference';
   const [exporting, setExporting] = useState(false);
   const busy = runState === 'running' || runState === 'pausing';
   return (
@@ -43,9 +46,18 @@ export function AdapterPanel() {
             }}
           />
         </label>
-        <button disabled={!runConfig || evaluating || busy} onClick={() => void actions.evaluate()} data-testid="evaluate">
+        <button disabled={!runConfig || evaluating || busy} onClick={() => void actions.evaluate(undefined, judgeNow)} data-testid="evaluate">
           {evaluating ? 'Evaluating…' : 'Evaluate base vs adapter'}
         </button>
+        <label>
+          judged by{' '}
+          <select value={judgeNow} onChange={(e) => setJudge(e.target.value as EvaluationJudge)} aria-label="Evaluation judge" data-testid="evaluate-judge">
+            <option value="reference">the base model (pairwise, both orders)</option>
+            <option value="reward-model" disabled={!rewardModel}>
+              the reward model{rewardModel ? '' : ' (load one below)'}
+            </option>
+          </select>
+        </label>
       </div>
       <p className="hint">
         Export downloads a PEFT adapter (adapter_config.json, adapter_model.safetensors: loads with PEFT, vLLM or transformers) plus the run's settings and
@@ -67,9 +79,15 @@ export function AdapterPanel() {
         <div data-testid="evaluation">
           <p>
             Adapter vs base at iteration {evaluation.iteration}: win rate <strong data-testid="win-rate">{formatValue(evaluation.winRate * 100)}%</strong> ({evaluation.wins} wins,{' '}
-            {evaluation.ties} ties, {evaluation.losses} losses{evaluation.unparsed ? `, ${evaluation.unparsed} judgements unparsed` : ''}), judged by the base model in
-            both orders.
+            {evaluation.ties} ties, {evaluation.losses} losses{evaluation.unparsed ? `, ${evaluation.unparsed} judgements unparsed` : ''}),{' '}
+            {evaluation.judge === 'reward-model' ? 'the higher reward-model score winning' : 'judged by the base model in both orders'}.
           </p>
+          {evaluation.exam && (
+            <p data-testid="evaluation-exam">
+              Held-out exam ({evaluation.exam.problems} problems, graded by code): base {formatValue(evaluation.exam.base * 100)}%, adapter{' '}
+              {formatValue(evaluation.exam.adapter * 100)}%.
+            </p>
+          )}
           <details>
             <summary>Answers</summary>
             {evaluation.items.map((it, k) => (
@@ -86,7 +104,10 @@ export function AdapterPanel() {
                   </p>
                 </div>
                 <p className="hint">
-                  verdicts {String(it.verdicts[0])} / {String(it.verdicts[1])}, score {it.score}
+                  {it.rewardScores
+                    ? `reward model: base ${formatValue(it.rewardScores.base)}, adapter ${formatValue(it.rewardScores.adapter)}`
+                    : `verdicts ${String(it.verdicts[0])} / ${String(it.verdicts[1])}`}
+                  , score {it.score}
                 </p>
               </div>
             ))}

@@ -30,6 +30,9 @@ const CHARTS: ChartSpec[] = [
     ],
   },
   { id: 'challenger', title: 'Challenger reward', keys: fixed(['challenger/reward', 'reward']) },
+  // Sparse: the exam runs every examEvery iterations; the line joins its points.
+  { id: 'exam', title: 'Held-out exam accuracy', keys: fixed(['eval/exam_accuracy', 'exam']) },
+  { id: 'invalid', title: 'Invalid Challenger problems (share)', keys: fixed(['challenger/invalid_ratio', 'invalid']) },
   { id: 'kl', title: 'KL to the reference', keys: fixed(['kl', 'solver'], ['challenger/kl', 'challenger']) },
   { id: 'loss', title: 'Loss', keys: fixed(['loss', 'total'], ['loss/solver', 'solver'], ['loss/challenger', 'challenger']) },
   { id: 'entropy', title: 'Entropy (nats per token)', keys: fixed(['entropy', 'entropy']) },
@@ -78,7 +81,7 @@ function Chart({ spec, series, history }: { spec: ChartSpec; series: { key: stri
         { label: 'iteration', size: 30, labelSize: 14, incrs: ITERATION_STEPS, values: (_u, ticks) => ticks.map((t) => String(t)) },
         { size: 56, values: (_u, ticks) => ticks.map((t) => formatTick(t)) },
       ],
-      series: [{ label: 'iteration' }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, points: { show: true, size: 4 } }))],
+      series: [{ label: 'iteration' }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true, points: { show: true, size: 4 } }))],
     };
     const u = new uPlot(opts, toData(history, series), el);
     plot.current = u;

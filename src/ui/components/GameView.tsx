@@ -1,6 +1,8 @@
-import { useMemo, useState, useSyncExternalStore } from 'react';
+import { useContext, useEffect, useMemo, useState, useSyncExternalStore } from 'react';
 import { useShallow } from 'zustand/react/shallow';
+import { gameMatches, type GameSearchResult } from '../../selfplay/games-log';
 import type { AnswerRecord, GameRecord } from '../../selfplay/types';
+import { ActionsContext } from '../context';
 import { formatValue } from '../format';
 import { live } from '../live';
 import { useLab } from '../store';
@@ -151,24 +153,46 @@ function Score({ label, value, testid }: { label: string; value: number; testid?
   );
 }
 
-/** Every game of the run, newest first, searchable; one opens in full. */
+const SHOWN = 200;
+
+/**
+ * Every game of the run, newest first, searchable; one opens in full. The page holds the
+ * newest games only; when the run has more, a search also runs in the worker over the
+ * games it paged out to the run store, and its answer replaces the page's own matches.
+ */
 export function GameHistory() {
-  const games = useLab((s) => s.games);
+  const { games, gamesTotal } = useLab(useShallow((s) => ({ games: s.games, gamesTotal: Math.max(s.gamesTotal, s.games.length) })));
+  const actions = useContext(ActionsContext);
   const [query, setQuery] = useState('');
   const [open, setOpen] = useState<GameRecord | null>(null);
-  const matches = useMemo(() => {
-    const q = query.trim().toLowerCase();
-    const list = q
-      ? games.filter((g) => g.query.toLowerCase().includes(q) || g.answers.some((a) => a.text.toLowerCase().includes(q)) || `iteration ${g.iteration}` === q)
-      : games;
-    return list.slice().reverse();
-  }, [games, query]);
-  const shown = matches.slice(0, 200);
+  const local = useMemo(() => games.filter((g) => gameMatches(g, { text: query })).reverse(), [games, query]);
+  const older = gamesTotal > games.length;
+  const [remote, setRemote] = useState<{ query: string; result: GameSearchResult } | null>(null);
+  useEffect(() => {
+    if (!older || !actions || !query.trim()) return;
+    let current = true;
+    const timer = setTimeout(() => {
+      void actions.searchGames({ text: query, limit: SHOWN }).then((result) => {
+        if (current && result) setRemote({ query, result });
+      });
+    }, 250);
+    return () => {
+      current = false;
+      clearTimeout(timer);
+    };
+  }, [actions, older, query]);
+  const fromWorker = older && remote && remote.query === query ? remote.result : null;
+  const matches = fromWorker ? fromWorker.games : local;
+  const total = fromWorker ? fromWorker.total : local.length;
+  const shown = matches.slice(0, SHOWN);
   return (
     <section className="panel" aria-label="Game history" data-testid="history">
-      <h2>History ({games.length} games)</h2>
+      <h2>
+        History ({gamesTotal} games{older ? `, the newest ${games.length} on the page` : ''})
+      </h2>
       <input type="search" placeholder="Search queries and answers" value={query} onChange={(e) => setQuery(e.target.value)} aria-label="Search games" />
-      {matches.length > shown.length && <p className="hint">Showing the newest {shown.length} of {matches.length} matches.</p>}
+      {older && query.trim() && !fromWorker && <p className="hint">Searching older games too…</p>}
+      {total > shown.length && <p className="hint">Showing the newest {shown.length} of {total} matches.</p>}
       <ul className="history">
         {shown.map((g) => (
           <li key={`${g.iteration}-${g.index}`}>

@@ -1,10 +1,11 @@
 import { useState } from 'react';
 import { LLAMA_PROJECTIONS, type LlamaProjection } from '../../formats/peft';
-import { CONFIG_HELP, DEFAULT_CONFIG, makeConfig, type TrainerConfig } from '../../selfplay/config';
+import { CONFIG_HELP, DEFAULT_CONFIG, makeConfig, microDemoConfig, type TrainerConfig } from '../../selfplay/config';
 import { useActions } from '../context';
 import { useLab } from '../store';
 
-type FieldKind = 'int' | 'number' | 'text' | 'bool' | { options: [string, string][] };
+/** 'list': a list of words (e.g. operators), typed separated by spaces. */
+type FieldKind = 'int' | 'number' | 'text' | 'list' | 'bool' | { options: [string, string][] };
 
 interface Field {
   path: string;
@@ -30,7 +31,11 @@ const GROUPS: { title: string; fields: Field[] }[] = [
     title: 'Game',
     fields: [
       { path: 'mode', label: 'method', kind: { options: [['lsp', 'LSP (game + quality self-reward)'], ['lsp-zero', 'LSP-Zero (pure game)']] } },
-      { path: 'world', label: 'world', kind: { options: [['open', 'open (any query)'], ['arithmetic', 'arithmetic (toy)']] } },
+      {
+        path: 'world',
+        label: 'world',
+        kind: { options: [['open', 'open (any query)'], ['freeform-arithmetic', 'free-form arithmetic (problems written as text)'], ['arithmetic', 'arithmetic (toy)']] },
+      },
       { path: 'task', label: 'task', kind: 'text' },
       { path: 'template', label: 'template', kind: 'text' },
       { path: 'queriesPerIteration', label: 'queries per iteration N', kind: 'int' },
@@ -40,6 +45,8 @@ const GROUPS: { title: string; fields: Field[] }[] = [
       { path: 'temperature', label: 'temperature', kind: 'number' },
       { path: 'topP', label: 'top-p', kind: 'number' },
       { path: 'arithmeticMaxOperand', label: 'largest operand (arithmetic)', kind: 'int' },
+      { path: 'arithmeticOperators', label: 'operators (free-form arithmetic)', kind: 'list' },
+      { path: 'examEvery', label: 'held-out exam every (iterations)', kind: 'int' },
     ],
   },
   {
@@ -142,7 +149,7 @@ export function SettingsPanel() {
   const onValue = (f: Field, raw: string | boolean) => {
     if (typeof raw === 'boolean') return apply(set(draft, f.path, raw));
     setTyped((t) => ({ ...t, [f.path]: raw }));
-    const value = f.kind === 'int' || f.kind === 'number' ? (raw.trim() === '' ? NaN : Number(raw)) : raw;
+    const value = f.kind === 'int' || f.kind === 'number' ? (raw.trim() === '' ? NaN : Number(raw)) : f.kind === 'list' ? raw.split(/[\s,]+/).filter(Boolean) : raw;
     apply(set(draft, f.path, value));
   };
   const preset = (c: TrainerConfig) => {
@@ -164,6 +171,9 @@ export function SettingsPanel() {
         </button>
         <button className="secondary" onClick={() => preset(TOY_CONFIG)} data-testid="preset-toy">
           Quick toy run (arithmetic)
+        </button>
+        <button className="secondary" onClick={() => preset(microDemoConfig())} data-testid="preset-demo" title="The quick demo's settings, for models/micro-arith">
+          Micro model demo (free-form arithmetic, exam)
         </button>
       </div>
       {error && (
@@ -211,7 +221,7 @@ function SettingField({ field: f, value, typed, invalid, onValue }: { field: Fie
       </select>
     );
   } else {
-    const shown = typed ?? (typeof value === 'number' && Number.isNaN(value) ? '' : String(value ?? ''));
+    const shown = typed ?? (typeof value === 'number' && Number.isNaN(value) ? '' : Array.isArray(value) ? value.join(' ') : String(value ?? ''));
     input = (
       <input
         id={id}

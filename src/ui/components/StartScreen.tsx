@@ -1,6 +1,6 @@
 import { useEffect, useState, type DragEvent } from 'react';
 import { useShallow } from 'zustand/react/shallow';
-import { KNOWN_MODELS } from '../../worker/catalog';
+import { isSmallGpu, KNOWN_MODELS, QUICK_DEMO } from '../../worker/catalog';
 import type { ModelChoice, WeightFormat } from '../../worker/protocol';
 import { useActions } from '../context';
 import { formatBytes, formatCount, formatEta, formatRate } from '../format';
@@ -10,13 +10,43 @@ import { useLab } from '../store';
 export type PickedFiles = { name: string; files: { path: string; file: File }[] };
 
 export function StartScreen() {
+  const caps = useLab((s) => s.capabilities?.caps);
+  const local = useLocalModels();
+  const demo = local.some((m) => m.folder === QUICK_DEMO.model.folder);
+  // On a small GPU the demo comes first; on a big one, after the model picker.
+  const small = !!caps && isSmallGpu(caps);
   return (
     <div className="start">
       <CapabilityPanel />
       <SavedRunCard />
-      <ModelPicker />
+      {small && <QuickDemoCard available={demo} small />}
+      <ModelPicker local={local} />
+      {!small && <QuickDemoCard available={demo} small={false} />}
       <CachedModels />
     </div>
+  );
+}
+
+/** One press: the micro model learns addition by self-play, its held-out exam charted as it goes. */
+function QuickDemoCard({ available, small }: { available: boolean; small: boolean }) {
+  const actions = useActions();
+  const { caps, loading } = useLab(useShallow((s) => ({ caps: s.capabilities?.caps, loading: s.loading })));
+  return (
+    <section className="panel quick-demo" aria-label="Quick demo" data-testid="quick-demo" data-first={small}>
+      <h2>{QUICK_DEMO.label}</h2>
+      {small && <p className="hint">This GPU looks small for the default 3B model: start here.</p>}
+      <p>
+        <code>models/{QUICK_DEMO.model.folder}</code> is {QUICK_DEMO.note}. It runs LSP-Zero in the free-form arithmetic world with a reward checked by code, and charts the exam accuracy every{' '}
+        {QUICK_DEMO.config.examEvery} iterations.
+      </p>
+      {available ? (
+        <button disabled={!caps || loading} onClick={() => void actions.quickDemo()} data-testid="quick-demo-start">
+          Run the quick demo
+        </button>
+      ) : (
+        <p className="hint">The demo's model (models/{QUICK_DEMO.model.folder}) is served by the lab's own server: start the lab with the README's command to use it.</p>
+      )}
+    </section>
   );
 }
 
@@ -126,12 +156,11 @@ function useLocalModels(): LocalModel[] {
 
 type PickKind = 'known' | 'local' | 'hub' | 'files';
 
-function ModelPicker() {
+function ModelPicker({ local }: { local: LocalModel[] }) {
   const actions = useActions();
   const { caps, loading, summary, summaryError, format } = useLab(
     useShallow((s) => ({ caps: s.capabilities?.caps, loading: s.loading, summary: s.summary, summaryError: s.summaryError, format: s.format })),
   );
-  const local = useLocalModels();
   const [kind, setKind] = useState<PickKind>('known');
   const [known, setKnown] = useState(KNOWN_MODELS[0]!.id);
   const [folder, setFolder] = useState('');
