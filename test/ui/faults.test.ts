@@ -116,6 +116,8 @@ describe('faults in the middle of an iteration (Chromium, lab page with fault ho
   it('plays one iteration and checkpoints it: the saved adapter is the live one', async () => {
     await page.goto(url);
     await page.getByTestId('adapter-name').waitFor({ timeout: 60_000 });
+    // The radio is enabled once the served folders' list (/models/index.json) has arrived.
+    await page.locator('[data-testid="pick-local"]:enabled').waitFor({ timeout: 60_000 });
     await page.getByTestId('pick-local').check();
     await page.getByTestId('local-folder').selectOption('tiny-llama');
     await page.getByTestId('model-summary').filter({ hasText: 'models/tiny-llama' }).waitFor({ timeout: 30_000 });
@@ -135,10 +137,13 @@ describe('faults in the middle of an iteration (Chromium, lab page with fault ho
     lap('first iteration checkpointed');
   }, 300_000);
 
-  it('(a) the device lost while the Challenger samples: named, and the run resumes from its checkpoint', async () => {
-    await faults.arm('device-lost-generation');
+  it.each([
+    ['(a)', 'while the Challenger samples', 'device-lost-generation', 'device lost in generation'],
+    ['(b)', 'during the optimizer step', 'device-lost-optimizer', 'device lost in the optimizer step'],
+  ] as const)('%s the device lost %s: named, and the run resumes from its checkpoint', async (tag, _when, fault, label) => {
+    await faults.arm(fault);
     await page.getByTestId('step').click();
-    await faults.until('device-lost-generation');
+    await faults.until(fault);
     await page.getByTestId('error').first().waitFor({ timeout: 60_000 });
     expectDeviceLost(await errors());
     await expectSavedRun();
@@ -146,21 +151,7 @@ describe('faults in the middle of an iteration (Chromium, lab page with fault ho
     await dismissErrors();
     await resumeSaved();
     await expectResumedAdapter();
-    lap('(a) device lost in generation');
-  }, 300_000);
-
-  it('(b) the device lost during the optimizer step: named, and the run resumes from its checkpoint', async () => {
-    await faults.arm('device-lost-optimizer');
-    await page.getByTestId('step').click();
-    await faults.until('device-lost-optimizer');
-    await page.getByTestId('error').first().waitFor({ timeout: 60_000 });
-    expectDeviceLost(await errors());
-    await expectSavedRun();
-    expectDeviceLost(await errors());
-    await dismissErrors();
-    await resumeSaved();
-    await expectResumedAdapter();
-    lap('(b) device lost in the optimizer step');
+    lap(`${tag} ${label}`);
   }, 300_000);
 
   it('(c) a reload while a checkpoint file is half written: the previous checkpoint resumes', async () => {

@@ -71,6 +71,8 @@ describe('the lab in Chromium (built app, tiny model)', () => {
     expect(await text('adapter-name')).not.toBe('');
 
     // Start screen: the local folder, its size and memory estimate from the engine's plan.
+    // The radio is enabled once the served folders' list (/models/index.json) has arrived.
+    await page.locator('[data-testid="pick-local"]:enabled').waitFor({ timeout: 60_000 });
     await page.getByTestId('pick-local').check();
     await page.getByTestId('local-folder').selectOption('tiny-llama');
     // Another served folder (micro-arith) may be summarised first: wait for this one's.

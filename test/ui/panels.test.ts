@@ -48,6 +48,8 @@ describe('the lab\'s panels in Chromium: your own reward, Stop now, chat with th
 
   it('tries and uses a reward, refuses chat while running, stops an iteration in flight, then chats with the adapter on and off', async () => {
     await page.goto(server.resolvedUrls!.local[0]!);
+    // The radio is enabled once the served folders' list (/models/index.json) has arrived.
+    await page.locator('[data-testid="pick-local"]:enabled').waitFor({ timeout: 60_000 });
     await page.getByTestId('pick-local').check();
     await page.getByTestId('local-folder').selectOption('tiny-llama');
     await page.getByTestId('model-summary').filter({ hasText: 'models/tiny-llama' }).waitFor({ timeout: 60_000 });
