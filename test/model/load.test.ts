@@ -340,18 +340,22 @@ describe('loadLlama streams: JS memory stays near one chunk', () => {
     const maxChunkBytes = 512 << 10;
     gc();
     const base = process.memoryUsage().arrayBuffers;
-    let peak = 0;
+    let peak = -Infinity;
+    let samples = 0;
     const m = await loadLlama(gpu(), await openModelDir(TINY_DIR), {
       format: 'q4',
       maxChunkBytes,
       onProgress: () => {
         // Sampled with the current chunk still referenced: what the loader holds at its busiest.
+        // Growth can read as negative where buffers alive at `base` (an earlier test's staging
+        // memory) are freed during the load; the bound is on the largest sample either way.
+        samples++;
         peak = Math.max(peak, process.memoryUsage().arrayBuffers - base);
         gc();
       },
     });
     console.log(`peak live ArrayBuffer growth while loading the 16.6 MB checkpoint: ${(peak / 2 ** 20).toFixed(2)} MiB (chunk ${maxChunkBytes / 2 ** 20} MiB)`);
-    expect(peak).toBeGreaterThan(0);
+    expect(samples).toBeGreaterThan(4);
     expect(peak).toBeLessThan(4 * maxChunkBytes);
     m.weights.release();
   });
