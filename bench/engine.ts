@@ -15,8 +15,11 @@
  * `--record-only` runs the real decode loop (decodeStep, sampling, the step's
  * readback) against a recording-only device (src/gpu/record.ts: no GPU work, buffers
  * hold no data) and prints the host's cost per token for B in {1, 8, 32}, LoRA off
- * and on: dispatches, submits, bind groups, host ms, and the bytes a step reads.
- * It needs no GPU and finishes in seconds for the 3B shape.
+ * and on: dispatches, submits, bind groups, host ms (median and spread of timed
+ * blocks, see recordOnly), and the bytes a step reads. It needs no GPU and finishes
+ * in seconds for the 3B shape. Record-only options: --new-tokens (64 per block)
+ * --reps (7 blocks)  --batch B and --lora on|off (one configuration only)
+ * --no-replay (every step recorded afresh, as before decode steps were replayed).
  */
 import type { LlamaConfig } from '../src/formats/llama-config';
 import { LLAMA_PROJECTIONS } from '../src/formats/peft';
@@ -154,17 +157,47 @@ async function timed<T>(gpu: Gpu, fn: () => Promise<T> | T): Promise<{ ms: numbe
  * {1, 8, 32} with LoRA off and on. Bytes read are the step's compulsory traffic:
  * every layer weight and the LM head once, the LoRA factors once, the embedding rows
  * of the B tokens, and the K/V each row attends over (the shared prefix counted once).
+ *
+ * How host ms is measured: every configuration first runs WARMUP_STEPS untimed steps
+ * (pipelines built, bind groups and decode recordings made, the JIT settled; one
+ * untimed pass over all configurations goes first so the first one is not penalised).
+ * Then `--reps` blocks of `--new-tokens` consecutive tokens are timed, each block as
+ * a whole with this process's CPU time (user + system, so other processes on a loaded
+ * machine do not inflate it; GC and the occasional re-recording as the cache grows
+ * fall inside the blocks). A block's figure is its CPU ms / tokens; the table gives
+ * the median block, the spread (fastest - slowest block) and the mean over all timed
+ * tokens (the re-recordings amortised: decodeStep records its step again when the
+ * attention length bound doubles, after 16, 32, 64, ... tokens).
  */
 /** Untimed steps per configuration: pipelines, bind groups and the JIT settle. */
-const WARMUP_STEPS = 4;
+const WARMUP_STEPS = 8;
+
+interface RecordRow {
+  B: number;
+  on: boolean;
+  dispatches: number;
+  submits: number;
+  bindGroups: number;
+  /** decode steps recorded (the rest replayed) during the timed tokens */
+  recordings: number;
+  blocks: number[];
+  bytes: number;
+  kvBytes: number;
+}
 
 async function recordOnly(config: LlamaConfig, flags: Map<string, string>): Promise<void> {
   const P = Number(flags.get('prompt-tokens') ?? 256);
-  const tokens = Number(flags.get('new-tokens') ?? 32);
+  const tokens = Number(flags.get('new-tokens') ?? 64);
+  const reps = Number(flags.get('reps') ?? 7);
   const rank = Number(flags.get('rank') ?? 16);
+  const batches = flags.has('batch') ? [Number(flags.get('batch'))] : [1, 8, 32];
+  const loraModes = flags.has('lora') ? [flags.get('lora') === 'on'] : [false, true];
+  const replay = !flags.has('no-replay');
   const { gpu, rec } = recordingGpu();
   const c = config;
-  console.log(`recording-only device (no GPU work): ${c.numLayers} layers, hidden ${c.hiddenSize}, mlp ${c.intermediateSize}, heads ${c.numHeads}/${c.numKvHeads}x${c.headDim}, vocab ${c.vocabSize}; ${P}-token shared prompt, LoRA r=${rank} on all projections, f32 KV cache, ${tokens} tokens timed after ${WARMUP_STEPS} warm-up steps; host ms is this process's CPU time`);
+  console.log(`recording-only device (no GPU work): ${c.numLayers} layers, hidden ${c.hiddenSize}, mlp ${c.intermediateSize}, heads ${c.numHeads}/${c.numKvHeads}x${c.headDim}, vocab ${c.vocabSize}; ${P}-token shared prompt, LoRA r=${rank} on all projections, f32 KV cache`);
+  if (!replay) console.log('--no-replay: every decode step recorded afresh (decodeStep replay: false)');
+  console.log(`host ms: CPU time of this process per token, ${reps} blocks of ${tokens} consecutive tokens after ${WARMUP_STEPS} warm-up steps (and one untimed pass over every configuration); median block, spread = fastest-slowest block, mean = all timed tokens`);
   const w = randomWeights(gpu, config, emptyQ4);
   // As the loaders should: q/k/v and gate/up each in one 4-bit weight (--unpacked keeps them apart).
   const packedGroups = flags.has('unpacked') ? 0 : packDecodeProjections(gpu, w);
@@ -175,48 +208,66 @@ async function recordOnly(config: LlamaConfig, flags: Map<string, string>): Prom
   const embedRowBytes = q4Blocks(C) * (Q4_BLOCK_BYTES + 2.5);
   const weightBytes = w.bytes;
   const loraBytes = lora.modules.reduce((s, m) => s + 4 * rank * (m.K + m.M), 0);
+
+  /** Runs `timedBlocks` blocks of `tokens` steps of one configuration (none: warm-up only). */
+  const measure = async (B: number, on: boolean, timedBlocks: number): Promise<RecordRow> => {
+    lora.enabled = on;
+    const cache = new KvCache(gpu, config, B, WARMUP_STEPS + timedBlocks * tokens + 2, { dtype: 'f32' });
+    prefillShared(gpu, w, lora, Array.from({ length: P }, (_, i) => (i * 7919 + 13) % config.vocabSize), cache).release();
+    const ids = gpu.zeros([B], 'u32', 'sampled-ids');
+    const logp = gpu.empty([B], 'f32', 'sampled-logp');
+    const readback = gpu.empty([2 * B], 'u32', 'sampled-readback');
+    let s = 0;
+    const step = async () => {
+      const logits: Tensor = decodeStep(gpu, w, lora, ids, cache, undefined, { replay });
+      sample(gpu, ids, logits, { temperature: 1, seed: 3, step: s++, logp }, B, config.vocabSize);
+      logits.release();
+      gpu.copy(ids, readback, B * 4, 0, 0);
+      gpu.copy(logp, readback, B * 4, 0, B * 4);
+      await gpu.readBytes(readback.buffer, 0, 2 * B * 4);
+    };
+    for (let i = 0; i < WARMUP_STEPS; i++) await step();
+    const ctx0 = cache.lengths.reduce((n, x) => n + x, 0);
+    const recordings0 = cache.decodeReplay?.recordings ?? 0;
+    rec.reset();
+    const blocks: number[] = [];
+    for (let r = 0; r < timedBlocks; r++) {
+      const t0 = process.cpuUsage();
+      for (let i = 0; i < tokens; i++) await step();
+      const d = process.cpuUsage(t0);
+      blocks.push((d.user + d.system) / 1000 / tokens);
+    }
+    const n = Math.max(1, timedBlocks * tokens);
+    const k = rec.counts;
+    const recordings = (cache.decodeReplay?.recordings ?? 0) - recordings0;
+    // K/V read per step: the prefix once, then each row's own entries (mean over the timed steps).
+    const ownPerStep = B * (ctx0 / B + (n + 1) / 2);
+    const kvBytes = 2 * L * HK * D * 4 * (P + ownPerStep);
+    const bytes = weightBytes + (on ? loraBytes : 0) + B * embedRowBytes + kvBytes;
+    cache.release();
+    ids.release();
+    logp.release();
+    readback.release();
+    return { B, on, dispatches: k.dispatches / n, submits: k.submits / n, bindGroups: k.bindGroups / n, recordings, blocks, bytes, kvBytes };
+  };
+
+  for (const B of batches) for (const on of loraModes) await measure(B, on, 0);
   const rows: (string | number)[][] = [];
-  for (const B of [1, 8, 32]) {
-    for (const on of [false, true]) {
-      lora.enabled = on;
-      const cache = new KvCache(gpu, config, B, tokens + WARMUP_STEPS + 2, { dtype: 'f32' });
-      prefillShared(gpu, w, lora, Array.from({ length: P }, (_, i) => (i * 7919 + 13) % config.vocabSize), cache).release();
-      const ids = gpu.zeros([B], 'u32', 'sampled-ids');
-      const logp = gpu.empty([B], 'f32', 'sampled-logp');
-      const readback = gpu.empty([2 * B], 'u32', 'sampled-readback');
-      const step = async (s: number) => {
-        const logits: Tensor = decodeStep(gpu, w, lora, ids, cache);
-        sample(gpu, ids, logits, { temperature: 1, seed: 3, step: s, logp }, B, config.vocabSize);
-        logits.release();
-        gpu.copy(ids, readback, B * 4, 0, 0);
-        gpu.copy(logp, readback, B * 4, 0, B * 4);
-        await gpu.readBytes(readback.buffer, 0, 2 * B * 4);
-      };
-      for (let s = 0; s < WARMUP_STEPS; s++) await step(s);
-      const ctx0 = cache.lengths.reduce((s, n) => s + n, 0);
-      rec.reset();
-      const times: number[] = [];
-      for (let s = 0; s < tokens; s++) {
-        // CPU time of this process, not wall time: a loaded machine does not inflate it.
-        const t0 = process.cpuUsage();
-        await step(WARMUP_STEPS + s);
-        const d = process.cpuUsage(t0);
-        times.push((d.user + d.system) / 1000);
-      }
-      const ms = times.sort((a, b) => a - b)[Math.floor(tokens / 2)]!;
-      const k = rec.counts;
-      // K/V read per step: the prefix once, then each row's own entries (mean over the timed steps).
-      const ownPerStep = B * (ctx0 / B + (tokens + 1) / 2);
-      const kvBytes = 2 * L * HK * D * 4 * (P + ownPerStep);
-      const bytes = weightBytes + (on ? loraBytes : 0) + B * embedRowBytes + kvBytes;
-      rows.push([String(B), on ? 'on' : 'off', k.dispatches / tokens, k.dispatches / tokens / L, k.submits / tokens, k.bindGroups / tokens, ms, `${(bytes / 1e9).toFixed(3)} GB (KV ${(kvBytes / 1e6).toFixed(1)} MB)`]);
-      cache.release();
-      ids.release();
-      logp.release();
-      readback.release();
+  for (const B of batches) {
+    for (const on of loraModes) {
+      const r = await measure(B, on, reps);
+      const sorted = [...r.blocks].sort((a, b) => a - b);
+      const median = sorted[Math.floor(sorted.length / 2)]!;
+      const mean = r.blocks.reduce((a, b) => a + b, 0) / r.blocks.length;
+      rows.push([
+        String(B), on ? 'on' : 'off', r.dispatches, r.dispatches / L, r.submits, r.bindGroups, `${r.recordings} / ${reps * tokens}`, median,
+        `${sorted[0]!.toFixed(3)}-${sorted[sorted.length - 1]!.toFixed(3)}`,
+        mean,
+        `${(r.bytes / 1e9).toFixed(3)} GB (KV ${(r.kvBytes / 1e6).toFixed(1)} MB)`,
+      ]);
     }
   }
-  printTable(['B', 'LoRA', 'dispatches/token', 'per layer', 'submits/token', 'bind groups/token', 'host CPU ms/token (median)', 'bytes read/token'], rows);
+  printTable(['B', 'LoRA', 'dispatches/token', 'per layer', 'submits/token', 'bind groups/token', 'steps recorded', 'host CPU ms/token (median)', 'spread', 'mean', 'bytes read/token'], rows);
   console.log(`\npipelines built: ${gpu.pipelines.size}; weights ${(w.bytes / 2 ** 30).toFixed(3)} GiB (LM head tied to the embedding), LoRA A+B ${(loraBytes / 2 ** 20).toFixed(1)} MiB`);
   lora.release();
   w.release();

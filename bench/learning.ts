@@ -2,13 +2,14 @@
  * Learning benchmark (not in CI): LSP-Zero with the verifiable reward in the free-form
  * arithmetic world on models/micro-arith, over several seeds.
  *
- *   node scripts/webgpu-env.mjs npx tsx bench/learning.ts [--seeds 0,1,2,3,4] [--iterations 20]
- *        [--exam-every 5] [--exam-size 240] [--N 32] [--G 8] [--lr 0.005] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
- *        [--lr-schedule constant|linear|cosine] [--lr-warmup 0] [--lr-decay-iterations 20] [--lr-min-ratio 0] [--micro-batch 64] [--top-p 1] [--kl k3]
+ *   node scripts/webgpu-env.mjs npx tsx bench/learning.ts [--seeds 0,1,2,3,4] [--iterations 24]
+ *        [--exam-every 6] [--exam-size 240] [--N 64] [--G 8] [--lr 0.005] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
+ *        [--lr-schedule constant|linear|cosine] [--lr-warmup 0] [--lr-decay-iterations 24] [--lr-min-ratio 0] [--micro-batch 256] [--top-p 1] [--kl k3]
  *        [--max-answer 6] [--adv-scale group|none] [--aggregation grpo|bnpo|dr_grpo|dapo|seq_sum] [--rank 16 [--alpha 32]]
  *        [--out out/bench-learning.json]
  *
- * Unset flags take the micro demo preset's values (microDemoConfig). Runs fastest on
+ * Unset flags take the micro demo preset's values (microDemoConfig; --iterations its
+ * MICRO_DEMO_ITERATIONS, the length of its decay). Runs fastest on
  * lavapipe (WEBGPU_ADAPTER=lavapipe), several times faster than SwiftShader here.
  *
  * Prints per seed the base and final greedy exam accuracy and the gain, then the mean
@@ -27,15 +28,15 @@ import { mean, stdUnbiased } from '../src/selfplay/advantages';
 import { parseExam } from '../src/selfplay/exam';
 import { SelfPlayTrainer } from '../src/selfplay/trainer';
 import { parseFlags } from '../src/cli/flags';
-import { microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
+import { MICRO_DEMO_ITERATIONS, MICRO_DEMO_SETTINGS, microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
 
 const DIR = 'models/micro-arith';
 
 async function main(): Promise<void> {
   const f = parseFlags(process.argv.slice(2));
   const seeds = (f.get('seeds') ?? '0,1,2,3,4').split(',').map(Number);
-  const iterations = Number(f.get('iterations') ?? 20);
-  const examEvery = Number(f.get('exam-every') ?? 5);
+  const iterations = Number(f.get('iterations') ?? MICRO_DEMO_ITERATIONS);
+  const examEvery = Number(f.get('exam-every') ?? MICRO_DEMO_SETTINGS.examEvery);
   const examSize = Number(f.get('exam-size') ?? 240);
   const out = f.get('out') ?? 'out/bench-learning.json';
   await mkdir(dirname(out), { recursive: true });

@@ -1,13 +1,21 @@
 #!/usr/bin/env node
 // Draws the learning curve of bench/learning.ts as an SVG (no dependencies):
-//   node scripts/plot-learning.mjs [out/bench-learning.json] [docs/learning-curve.svg]
+//   node scripts/plot-learning.mjs [out/bench-learning.json ...] [docs/learning-curve.svg]
+// Several inputs (one bench run per seed, say) are drawn together; the last argument
+// is the picture when it ends in .svg.
 // Left axis: greedy exam accuracy (circles, each seed one colour; iteration 0 is the
 // base model). Right axis: the Solver's mean reward per iteration (thin lines).
 // The README shows the SVG itself (this machine's ImageMagick has no SVG reader).
 import { readFileSync, writeFileSync } from 'node:fs';
 
-const [input = 'out/bench-learning.json', output = 'docs/learning-curve.svg'] = process.argv.slice(2);
-const data = JSON.parse(readFileSync(input, 'utf8'));
+const args = process.argv.slice(2);
+const output = args.length > 0 && args[args.length - 1].endsWith('.svg') ? args.pop() : 'docs/learning-curve.svg';
+const inputs = args.length > 0 ? args : ['out/bench-learning.json'];
+const files = inputs.map((f) => JSON.parse(readFileSync(f, 'utf8')));
+for (const [n, d] of files.entries()) {
+  if (d.model !== files[0].model || d.examSize !== files[0].examSize) throw new Error(`${inputs[n]}: model ${d.model} with ${d.examSize} exam problems, but ${inputs[0]} has ${files[0].model} with ${files[0].examSize}`);
+}
+const data = { ...files[0], runs: files.flatMap((d) => d.runs) };
 const W = 640, H = 360, L = 56, R = 56, T = 40, B = 44;
 const maxIt = Math.max(...data.runs.flatMap((r) => r.curve.map((p) => p.iteration)), 1);
 const x = (it) => L + ((W - L - R) * it) / maxIt;
@@ -23,9 +31,9 @@ for (let k = 0; k <= 5; k++) {
   parts.push(`<text x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${(100 * v).toFixed(0)}%</text>`);
   parts.push(`<text x="${W - R + 6}" y="${y(v) + 4}">${v.toFixed(1)}</text>`);
 }
-const ticks = Math.min(maxIt, 10);
-for (let k = 0; k <= ticks; k++) {
-  const it = Math.round((maxIt * k) / ticks);
+// Whole-number ticks at a round step, at most 10 intervals.
+const tickStep = [1, 2, 3, 5, 10, 20, 25, 50, 100, 200, 500, 1000].find((st) => maxIt / st <= 10) ?? Math.ceil(maxIt / 10);
+for (let it = 0; it <= maxIt; it += tickStep) {
   parts.push(`<text x="${x(it)}" y="${H - B + 16}" text-anchor="middle">${it}</text>`);
 }
 parts.push(`<line x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}" stroke="#333"/>`);

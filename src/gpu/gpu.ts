@@ -13,11 +13,17 @@
  * string work), and bind groups are cached by (pipeline, arena slot, buffers): a
  * decode step records the same dispatches on the same pooled buffers every token, so
  * after the first token its bind groups are reused rather than created.
+ *
+ * Record and replay: record(fn) runs fn without encoding anything, keeping what it
+ * dispatched, copied and cleared as a CommandList (replay.ts) with its own uniforms
+ * and bind groups; replay(list) encodes those commands again, none of fn's host work
+ * repeated. A decode step is recorded once and replayed every token (infer.ts).
  */
 import { BufferUsage, MapMode } from './flags';
 import { BufferPool, type PoolStats } from './pool';
-import { PipelineCache, type KernelSource } from './pipelines';
+import { PipelineCache, type CachedPipeline, type KernelSource } from './pipelines';
 import { Params } from './params';
+import { CommandList, type ReplayCommand } from './replay';
 import { DTYPE_BYTES, Tensor, numel, type DType } from './tensor';
 
 export interface GpuCapabilities {
@@ -66,6 +72,31 @@ const UNIFORM_SLOT = 256;
 const UNIFORM_ARENA_SLOTS = 4096;
 /** Bind groups kept for reuse; the cache is dropped whole when it grows past this. */
 const BIND_GROUP_CACHE_MAX = 16384;
+/** A dispatch seen by record(): its bind group is made once the list's uniform buffer exists. */
+interface RecordedDispatch {
+  kind: 'pending-dispatch';
+  cached: CachedPipeline;
+  /** uniform slot, or -1 */
+  slot: number;
+  uniformSize: number;
+  resources: GPUBufferBinding[];
+  x: number;
+  y: number;
+  z: number;
+}
+
+/** What record() collects while its function runs. */
+interface Recording {
+  label: string;
+  commands: (RecordedDispatch | Exclude<ReplayCommand, { kind: 'dispatch' }>)[];
+  uniforms: Uint8Array<ArrayBuffer>;
+  slots: number;
+  /** buffers handed out by empty() while recording */
+  acquired: Set<GPUBuffer>;
+  /** tensors bound that were not made while recording */
+  inputs: Set<Tensor>;
+}
+
 /** How long a failed read waits for the device's loss to be reported (only after a failure). */
 const LOST_GRACE_MS = 2000;
 
@@ -139,9 +170,15 @@ export class Gpu {
   dispatches = 0;
   /** Bind groups created so far (the rest of the dispatches reused a cached one). */
   bindGroupsCreated = 0;
+  /** Bind group cache look-ups (one per dispatch encoded outside a replay). */
+  bindGroupLookups = 0;
   private readonly bindGroups = new Map<string, GPUBindGroup>();
   private readonly bufferIds = new WeakMap<GPUBuffer, number>();
   private nextBufferId = 1;
+  private recording: Recording | null = null;
+  /** tensors some CommandList binds (their release makes the lists check their inputs) */
+  private readonly boundByLists = new WeakSet<Tensor>();
+  private boundReleased = 0;
 
   constructor(
     readonly device: GPUDevice,
@@ -182,7 +219,9 @@ export class Gpu {
   empty(shape: readonly number[], dtype: DType = 'f32', label = ''): Tensor {
     this.checkAlive();
     const bytes = Math.max(4, Math.ceil((numel(shape) * DTYPE_BYTES[dtype]) / 4) * 4);
-    return new Tensor(this, this.pool.acquire(bytes, label), [...shape], dtype);
+    const buffer = this.pool.acquire(bytes, label);
+    this.recording?.acquired.add(buffer);
+    return new Tensor(this, buffer, [...shape], dtype);
   }
 
   zeros(shape: readonly number[], dtype: DType = 'f32', label = ''): Tensor {
@@ -201,6 +240,7 @@ export class Gpu {
   /** Overwrites a tensor's contents from host data, ordered after all recorded work. */
   write(t: Tensor, data: ArrayBufferView, byteOffset = 0): void {
     this.checkAlive();
+    this.refuseWhileRecording('write');
     // writeBuffer runs on the queue timeline, before any still-unsubmitted commands:
     // submit those first so a reused buffer is not overwritten under them.
     if (this.encoder) this.flush();
@@ -218,12 +258,22 @@ export class Gpu {
   }
 
   clear(t: Tensor, byteOffset = 0, byteLength?: number): void {
-    const enc = this.blitEncoder();
     const size = byteLength ?? t.buffer.size - byteOffset;
-    enc.clearBuffer(t.buffer, byteOffset, size);
+    if (this.recording) {
+      this.noteInput(t);
+      this.recording.commands.push({ kind: 'clear', buffer: t.buffer, offset: byteOffset, size });
+      return;
+    }
+    this.blitEncoder().clearBuffer(t.buffer, byteOffset, size);
   }
 
   copy(src: Tensor, dst: Tensor, bytes = Math.min(src.byteLength, dst.byteLength), srcOffset = 0, dstOffset = 0): void {
+    if (this.recording) {
+      this.noteInput(src);
+      this.noteInput(dst);
+      this.recording.commands.push({ kind: 'copy', src: src.buffer, srcOffset, dst: dst.buffer, dstOffset, bytes });
+      return;
+    }
     this.blitEncoder().copyBufferToBuffer(src.buffer, srcOffset, dst.buffer, dstOffset, bytes);
   }
 
@@ -247,6 +297,10 @@ export class Gpu {
       throw new GpuError(`${kernel.label}: dispatch [${x}, ${y}, ${z}] exceeds ${max} workgroups per dimension`);
     }
     const cached = this.pipelines.lookup(kernel);
+    if (this.recording) {
+      this.recordDispatch(kernel, cached, bindings, x, y, z, params);
+      return;
+    }
     let key = `${cached.id}`;
     let uniformOffset = -1;
     let uniformSize = 0;
@@ -268,6 +322,7 @@ export class Gpu {
         key += `|${this.bufferId(b.buffer)}@${b.offset ?? 0}+${b.size ?? ''}`;
       }
     }
+    this.bindGroupLookups++;
     let bindGroup = this.bindGroups.get(key);
     if (!bindGroup) {
       const entries: GPUBindGroupEntry[] = [];
@@ -290,9 +345,89 @@ export class Gpu {
     this.dispatches++;
   }
 
+  /**
+   * Runs `fn` with nothing encoded and returns what it dispatched, copied and cleared
+   * as a CommandList (replay.ts); `fn`'s returned tensors are the list's outputs, lent
+   * out by each replay. Nothing has run yet: call replay(list) for the first time too.
+   * While `fn` runs, writes, reads and submits are refused (their host work is not
+   * part of a replay). Reuse the list only while everything its commands depend on
+   * (uniform values, buffers, shapes) is unchanged; the caller keys it.
+   */
+  record(label: string, fn: () => readonly Tensor[]): CommandList {
+    this.checkAlive();
+    if (this.recording) throw new GpuError(`record ${label}: already recording ${this.recording.label}`);
+    const r: Recording = { label, commands: [], uniforms: new Uint8Array(64 * UNIFORM_SLOT), slots: 0, acquired: new Set(), inputs: new Set() };
+    this.recording = r;
+    let outputs: readonly Tensor[];
+    try {
+      outputs = fn();
+    } finally {
+      this.recording = null;
+    }
+    for (const t of outputs) {
+      if (!r.acquired.has(t.buffer)) throw new GpuError(`record ${label}: output ${t} was not made while recording`);
+      r.inputs.delete(t);
+    }
+    // Scratch given back to the pool while recording stays with the list.
+    const held: GPUBuffer[] = [];
+    for (const b of r.acquired) if (this.pool.take(b)) held.push(b);
+    for (const t of r.inputs) if (r.acquired.has(t.buffer)) r.inputs.delete(t);
+    let uniforms: GPUBuffer | null = null;
+    if (r.slots > 0) {
+      uniforms = this.device.createBuffer({ size: r.slots * UNIFORM_SLOT, usage: BufferUsage.UNIFORM | BufferUsage.COPY_DST, label: `${label}.uniforms` });
+      // A new buffer: no recorded work can be reading it, so the write need not wait for a submit.
+      this.device.queue.writeBuffer(uniforms, 0, r.uniforms, 0, r.slots * UNIFORM_SLOT);
+    }
+    const commands: ReplayCommand[] = [];
+    let last: GPUComputePipeline | null = null;
+    for (const c of r.commands) {
+      if (c.kind !== 'pending-dispatch') {
+        commands.push(c);
+        last = null; // a copy or clear ends the compute pass
+        continue;
+      }
+      const entries: GPUBindGroupEntry[] = [];
+      let binding = 0;
+      if (c.slot >= 0) entries.push({ binding: binding++, resource: { buffer: uniforms!, offset: c.slot * UNIFORM_SLOT, size: c.uniformSize } });
+      for (const resource of c.resources) entries.push({ binding: binding++, resource });
+      const bindGroup = this.device.createBindGroup({ layout: c.cached.layout, entries, label });
+      this.bindGroupsCreated++;
+      const pipeline = c.cached.pipeline;
+      commands.push({ kind: 'dispatch', pipeline: pipeline === last ? null : pipeline, bindGroup, x: c.x, y: c.y, z: c.z });
+      last = pipeline;
+    }
+    for (const t of r.inputs) this.boundByLists.add(t);
+    return new CommandList(label, commands, this.pool, uniforms, held, outputs, [...r.inputs], () => this.flush(), () => this.boundReleased);
+  }
+
+  /** Encodes a recorded list's commands (see record) and returns new loans of its outputs. */
+  replay(list: CommandList): Tensor[] {
+    this.checkAlive();
+    this.refuseWhileRecording(`replay ${list.label}`);
+    if (!list.replayable) throw new GpuError(`replay ${list.label}: not replayable, ${list.unreplayableReason}`);
+    const cmds = list.commands;
+    let pass = this.pass;
+    for (let i = 0; i < cmds.length; i++) {
+      const c = cmds[i]!;
+      if (c.kind === 'dispatch') {
+        if (!pass) pass = this.computePass();
+        if (c.pipeline) pass.setPipeline(c.pipeline);
+        pass.setBindGroup(0, c.bindGroup);
+        pass.dispatchWorkgroups(c.x, c.y, c.z);
+      } else {
+        pass = null;
+        if (c.kind === 'copy') this.blitEncoder().copyBufferToBuffer(c.src, c.srcOffset, c.dst, c.dstOffset, c.bytes);
+        else this.blitEncoder().clearBuffer(c.buffer, c.offset, c.size);
+      }
+    }
+    this.dispatches += list.dispatches;
+    return list.lend();
+  }
+
   /** Submits everything recorded so far; does not wait. */
   flush(): void {
     this.checkAlive();
+    this.refuseWhileRecording('flush');
     if (!this.encoder) return;
     this.endPass();
     if (this.arenaUsed > 0) {
@@ -333,6 +468,7 @@ export class Gpu {
 
   async readBytes(buffer: GPUBuffer, offset: number, bytes: number): Promise<ArrayBuffer> {
     this.checkAlive();
+    this.refuseWhileRecording('read');
     const size = Math.ceil(bytes / 4) * 4;
     const staging = this.device.createBuffer({ size, usage: BufferUsage.MAP_READ | BufferUsage.COPY_DST });
     this.blitEncoder().copyBufferToBuffer(buffer, offset, staging, 0, size);
@@ -354,6 +490,11 @@ export class Gpu {
     return out;
   }
 
+  /** Tensor.release() reports here (a CommandList whose input was released is not replayable). */
+  noteReleased(t: Tensor): void {
+    if (this.boundByLists.has(t)) this.boundReleased++;
+  }
+
   destroy(): void {
     if (this.destroyed) return;
     this.destroyed = true;
@@ -368,6 +509,46 @@ export class Gpu {
     let id = this.bufferIds.get(b);
     if (id === undefined) this.bufferIds.set(b, (id = this.nextBufferId++));
     return id;
+  }
+
+  private recordDispatch(kernel: KernelSource, cached: CachedPipeline, bindings: readonly Binding[], x: number, y: number, z: number, params?: Params): void {
+    const r = this.recording!;
+    let slot = -1;
+    let uniformSize = 0;
+    if (params) {
+      const bytes = params.bytes();
+      if ((r.slots + 1) * UNIFORM_SLOT > r.uniforms.byteLength) {
+        const grown = new Uint8Array(r.uniforms.byteLength * 2);
+        grown.set(r.uniforms);
+        r.uniforms = grown;
+      }
+      slot = r.slots++;
+      uniformSize = bytes.byteLength;
+      r.uniforms.set(bytes, slot * UNIFORM_SLOT);
+    }
+    const resources: GPUBufferBinding[] = [];
+    for (let i = 0; i < bindings.length; i++) {
+      const b = bindings[i]!;
+      if (b instanceof Tensor) {
+        if (b.isReleased) throw new GpuError(`${kernel.label}: binding ${i + (params ? 1 : 0)} is a released ${b}`);
+        this.noteInput(b);
+        resources.push({ buffer: b.buffer });
+      } else {
+        resources.push({ buffer: b.buffer, offset: b.offset ?? 0, size: b.size });
+      }
+    }
+    r.commands.push({ kind: 'pending-dispatch', cached, slot, uniformSize, resources, x, y, z });
+  }
+
+  /** Remembers a tensor a recorded command names (record() keeps those not made while recording). */
+  private noteInput(t: Tensor): void {
+    this.recording?.inputs.add(t);
+  }
+
+  private refuseWhileRecording(what: string): void {
+    if (this.recording) {
+      throw new GpuError(`${what} while recording ${this.recording.label}: a recorded step may only dispatch, copy and clear (write its inputs before recording or replaying it)`);
+    }
   }
 
   private checkAlive(): void {

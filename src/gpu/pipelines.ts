@@ -29,6 +29,8 @@ export class PipelineCache {
   private readonly bySource = new WeakMap<KernelSource, CachedPipeline>();
   /** Source objects looked up by WGSL text (first sight of each); tests use it to prove the fast path. */
   codeLookups = 0;
+  /** lookup() calls so far (one per dispatch recorded; tests count them per decode step) */
+  lookups = 0;
 
   constructor(
     private readonly device: GPUDevice,
@@ -45,6 +47,7 @@ export class PipelineCache {
 
   /** The pipeline of `kernel` with its layout and id, built on first use. */
   lookup(kernel: KernelSource): CachedPipeline {
+    this.lookups++;
     const hit = this.bySource.get(kernel);
     if (hit) return hit;
     this.codeLookups++;

@@ -39,6 +39,8 @@ export class BufferPool {
   private peakAllocated = 0;
   private live = 0;
   private freeCount = 0;
+  /** acquire() calls so far (tests count them per decode step) */
+  acquisitions = 0;
 
   constructor(
     private readonly device: GPUDevice,
@@ -48,6 +50,7 @@ export class BufferPool {
   ) {}
 
   acquire(bytes: number, label = ''): GPUBuffer {
+    this.acquisitions++;
     if (!(bytes > 0) || !Number.isFinite(bytes)) {
       throw new Error(`BufferPool: cannot allocate ${bytes} bytes${label ? ` for ${label}` : ''}`);
     }
@@ -82,6 +85,23 @@ export class BufferPool {
     if (!list) this.free.set(size, (list = []));
     list.push(buffer);
     this.freeCount++;
+  }
+
+  /**
+   * Takes `buffer` off the free list (it counts as in use again) and returns true, or
+   * returns false when it is not free. A CommandList uses it to keep the scratch
+   * buffers its commands name; it hands them back with release().
+   */
+  take(buffer: GPUBuffer): boolean {
+    const size = this.sizes.get(buffer);
+    const list = size === undefined ? undefined : this.free.get(size);
+    const i = list ? list.lastIndexOf(buffer) : -1;
+    if (i < 0) return false;
+    list!.splice(i, 1);
+    this.freeCount--;
+    this.inUse += size!;
+    this.peakInUse = Math.max(this.peakInUse, this.inUse);
+    return true;
   }
 
   /** Destroys every free buffer, returning their memory to the device. */

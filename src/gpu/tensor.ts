@@ -25,6 +25,8 @@ export class Tensor {
     readonly dtype: DType,
     /** true when the pool owns the buffer; false for wrapped external buffers */
     private readonly pooled = true,
+    /** called once when the tensor is released (a CommandList's loans use it) */
+    private readonly onRelease: (() => void) | null = null,
   ) {}
 
   get size(): number {
@@ -44,6 +46,8 @@ export class Tensor {
     if (this.released) throw new Error(`Tensor [${this.shape}] released twice`);
     this.released = true;
     if (this.pooled) this.gpu.pool.release(this.buffer);
+    this.gpu.noteReleased(this);
+    this.onRelease?.();
   }
 
   toString(): string {

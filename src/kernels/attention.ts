@@ -515,41 +515,29 @@ export function defaultDecodeTiles(D: number, G: number, B = 8, limit = PORTABLE
 /**
  * One chunk of keys against QN query vectors. 'cache' workgroups read keys
  * chunk*CH .. of row wid.z's cache for its G heads; 'prefix' workgroups read the shared
- * prefix for the G heads of rows wid.z*R .. wid.z*R+R-1 (the prefix is read once per R rows).
+ * prefix for the G heads of rows wid.z*R .. wid.z*R+R-1 (the prefix is read once per R
+ * rows). With a prefix both kinds run in ONE dispatch: workgroups x < prefixChunks are
+ * prefix chunks (grid z counts rows, so those with z*R >= B have nothing to do), the
+ * rest cache chunks; each kind is a function over the same workgroup memory, sized for
+ * the larger (prefix) query block.
  */
-const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: DecodeTiles, source: 'cache' | 'prefix', kv: KvDtype = 'f32') => {
+const decodeKernel = kernelCache((D: number, G: number, R: number, tiles: DecodeTiles, withPrefix: boolean, cacheKv: KvDtype = 'f32', prefixKv: KvDtype = cacheKv) => {
   const { chunk: CH, tpr: TPR, threads: WG } = tiles;
   const D4 = D / 4;
   const NV = D4 / TPR;
   const KP = WG / TPR;
   const PS = TPR + 1;
-  const QN = R * G;
-  const cache = source === 'cache';
+  const QNmax = (withPrefix ? R : 1) * G;
+  const kvT = (kv: KvDtype) => (kv === 'f16' ? 'vec4h' : 'vec4f');
   // f16 K/V are widened to f32 as they are read; everything after is f32.
-  const kvT = kv === 'f16' ? 'vec4h' : 'vec4f';
-  const wide = (e: string) => (kv === 'f16' ? `vec4f(${e})` : e);
-  return {
-    label: `attention_decode_${source} D=${D} G=${G} rows=${R} chunk=${CH} tpr=${TPR} wg=${WG}${kv === 'f16' ? ' kv=f16' : ''}`,
-    code: /* wgsl */ `${enables({ f16: kv === 'f16' })}
-struct Params { B: u32, Smax: u32, H: u32, HK: u32, P: u32, nChunks: u32, prefixChunks: u32, scale: f32 }
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> opart: array<vec4f>;  // [B, H, nChunks, D] unnormalised
-@group(0) @binding(2) var<storage, read_write> ml: array<vec2f>;     // [B, H, nChunks] (max, sum)
-@group(0) @binding(3) var<storage, read> q: array<vec4f>;            // [B, H, D]
-@group(0) @binding(4) var<storage, read> keys: array<${kvT}>;         // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
-@group(0) @binding(5) var<storage, read> values: array<${kvT}>;       // ${cache ? '[B, Smax, HK, D] cache' : '[P, HK, D] prefix'}
-${cache ? '@group(0) @binding(6) var<storage, read> lengths: array<u32>;        // [B]' : ''}
-var<workgroup> qs: array<vec4f, ${QN * D4}>;
-var<workgroup> part: array<f32, ${QN * KP * PS}>;
-var<workgroup> sc: array<f32, ${QN * CH}>;
-var<workgroup> stat: array<vec2f, ${QN}>;
-var<workgroup> total: u32;
-
-@compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
-  let chunk = wid.x;
-  let hk = wid.y;
-  let b0 = wid.z * ${R}u;
+  const pass = (source: 'cache' | 'prefix') => {
+    const cache = source === 'cache';
+    const QN = (cache ? 1 : R) * G;
+    const keys = cache ? 'keys' : 'pkeys';
+    const values = cache ? 'values' : 'pvalues';
+    const wide = (e: string) => ((cache ? cacheKv : prefixKv) === 'f16' ? `vec4f(${e})` : e);
+    return `
+fn ${source}Chunk(chunk: u32, hk: u32, b0: u32, lid: u32) {
   ${
     cache
       ? `if (lid == 0u) { total = min(lengths[b0], p.Smax); }
@@ -578,7 +566,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     ${each(QN, (i) => `var a${i} = 0.0;`, '\n    ')}
     if (c < n) {
       let kb = keyBase + (c0 + c) * keyStride + j;
-      ${each(NV, (m) => `let k${m} = ${wide(`keys[kb + ${m * TPR}u]`)};`, '\n      ')}
+      ${each(NV, (m) => `let k${m} = ${wide(`${keys}[kb + ${m * TPR}u]`)};`, '\n      ')}
       ${each(QN, (i) => `a${i} = ${sum(NV, (m) => `dot(k${m}, qs[${i * D4 + m * TPR}u + j])`)};`, '\n      ')}
     }
     ${each(QN, (i) => `part[(${i * KP}u + cl) * ${PS}u + j] = a${i};`, '\n    ')}
@@ -609,11 +597,49 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     if (b < p.B) {
       let vb = keyBase + c0 * keyStride + d4;
       var acc = vec4f(0.0);
-      for (var c = 0u; c < n; c++) { acc += sc[qi * ${CH}u + c] * ${wide('values[vb + c * keyStride]')}; }
+      for (var c = 0u; c < n; c++) { acc += sc[qi * ${CH}u + c] * ${wide(`${values}[vb + c * keyStride]`)}; }
       let bh = b * p.H + hk * ${G}u + qi % ${G}u;
       opart[(bh * p.nChunks + outChunk) * ${D4}u + d4] = acc;
       if (d4 == 0u) { ml[bh * p.nChunks + outChunk] = stat[qi]; }
     }
+  }
+}`;
+  };
+  return {
+    label: `attention_decode${withPrefix ? '_prefix' : ''} D=${D} G=${G} rows=${R} chunk=${CH} tpr=${TPR} wg=${WG}${cacheKv === 'f16' ? ' kv=f16' : ''}${withPrefix && prefixKv === 'f16' ? ' prefix=f16' : ''}`,
+    code: /* wgsl */ `${enables({ f16: cacheKv === 'f16' || (withPrefix && prefixKv === 'f16') })}
+struct Params { B: u32, Smax: u32, H: u32, HK: u32, P: u32, nChunks: u32, prefixChunks: u32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> opart: array<vec4f>;  // [B, H, nChunks, D] unnormalised
+@group(0) @binding(2) var<storage, read_write> ml: array<vec2f>;     // [B, H, nChunks] (max, sum)
+@group(0) @binding(3) var<storage, read> q: array<vec4f>;            // [B, H, D]
+@group(0) @binding(4) var<storage, read> keys: array<${kvT(cacheKv)}>;         // [B, Smax, HK, D] cache
+@group(0) @binding(5) var<storage, read> values: array<${kvT(cacheKv)}>;       // [B, Smax, HK, D] cache
+@group(0) @binding(6) var<storage, read> lengths: array<u32>;        // [B]
+${
+  withPrefix
+    ? `@group(0) @binding(7) var<storage, read> pkeys: array<${kvT(prefixKv)}>;        // [P, HK, D] prefix
+@group(0) @binding(8) var<storage, read> pvalues: array<${kvT(prefixKv)}>;      // [P, HK, D] prefix`
+    : ''
+}
+var<workgroup> qs: array<vec4f, ${QNmax * D4}>;
+var<workgroup> part: array<f32, ${QNmax * KP * PS}>;
+var<workgroup> sc: array<f32, ${QNmax * CH}>;
+var<workgroup> stat: array<vec2f, ${QNmax}>;
+var<workgroup> total: u32;
+${withPrefix ? pass('prefix') : ''}
+${pass('cache')}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+  ${
+    withPrefix
+      ? `if (wid.x < p.prefixChunks) {
+    if (wid.z * ${R}u < p.B) { prefixChunk(wid.x, wid.y, wid.z * ${R}u, lid); }
+  } else {
+    cacheChunk(wid.x - p.prefixChunks, wid.y, wid.z, lid);
+  }`
+      : 'cacheChunk(wid.x, wid.y, wid.z, lid);'
   }
 }`,
   };
@@ -717,11 +743,13 @@ export function attentionDecode(
   const opart = gpu.empty([B, H, nChunks, D], 'f32', 'attention-decode-partials');
   const ml = gpu.empty([B, H, nChunks, 2], 'f32', 'attention-decode-stats');
   const params = () => new Params().u32(B).u32(Smax).u32(H).u32(HK).u32(P).u32(nChunks).u32(prefixChunks).f32(1 / Math.sqrt(D));
+  // Prefix and cache chunks in one dispatch (the kernel's comment), then the combine.
   if (prefix && prefixChunks > 0) {
     const R = Math.min(tiles.prefixRows, B);
-    gpu.dispatch(decodeKernel(D, G, R, tiles, 'prefix', prefixKv), [opart, ml, q, prefix.k, prefix.v], [prefixChunks, HK, ceilDiv(B, R)], params());
+    gpu.dispatch(decodeKernel(D, G, R, tiles, true, cacheKv, prefixKv), [opart, ml, q, kCache, vCache, lengths, prefix.k, prefix.v], [nChunks, HK, B], params());
+  } else {
+    gpu.dispatch(decodeKernel(D, G, 1, tiles, false, cacheKv), [opart, ml, q, kCache, vCache, lengths], [nChunks - prefixChunks, HK, B], params());
   }
-  gpu.dispatch(decodeKernel(D, G, 1, tiles, 'cache', cacheKv), [opart, ml, q, kCache, vCache, lengths], [nChunks - prefixChunks, HK, B], params());
   gpu.dispatch(
     combineKernel(D, tiles.chunk),
     [out, opart, ml, lengths],

@@ -143,9 +143,10 @@ const NORM_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0:
  * RMSNorm and the A products in one kernel: each workgroup normalises its NB input
  * rows itself (h = w * (x * rstd), rstd = 1/sqrt(mean x^2 + eps), rmsnorm.ts's
  * expression) and reduces h against its A row; the workgroups of A row 0 also store h
- * for the projection GEMV that follows.
+ * for the projection GEMV that follows. `pending`: the input is x + pu pb^T, a LoRA B
+ * product not yet added to the residual stream x (added on the fly, x is not written).
  */
-const normDownKernel = kernelCache((nA: number) => {
+const normDownKernel = kernelCache((nA: number, pending = false) => {
   const ps = Array.from({ length: nA }, (_, p) => p);
   const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
   const reduce = `workgroupBarrier();
@@ -156,7 +157,7 @@ const normDownKernel = kernelCache((nA: number) => {
     workgroupBarrier();
   }`;
   return {
-    label: `lora_norm_down_x${nA}`,
+    label: `lora_norm_down_x${nA}${pending ? ' pending' : ''}`,
     code: /* wgsl */ `
 ${NORM_UNIFORMS.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
@@ -165,6 +166,17 @@ ${NORM_UNIFORMS.wgsl}
 @group(0) @binding(3) var<storage, read_write> h: array<f32>;    // [N, K] normed
 @group(0) @binding(4) var<storage, read_write> u: array<f32>;    // [nA, N, R]
 ${ps.map((p) => `@group(0) @binding(${5 + p}) var<storage, read> a${p}: array<f32>;        // [R, K]`).join('\n')}
+${
+  pending
+    ? `@group(0) @binding(${5 + nA}) var<storage, read> pu: array<f32>;        // [N, R] pending A products (scaled)
+@group(0) @binding(${6 + nA}) var<storage, read> pb: array<f32>;        // [K, R] pending B
+fn xin(n: u32, k: u32) -> f32 {
+  var v = 0.0;
+  for (var r = 0u; r < p.R; r++) { v += pu[n * p.R + r] * pb[k * p.R + r]; }
+  return x[n * p.K + k] + v;
+}`
+    : 'fn xin(n: u32, k: u32) -> f32 { return x[n * p.K + k]; }'
+}
 var<workgroup> red: array<f32, ${NB * WG}>;
 var<workgroup> rs: array<f32, ${NB}>;
 @compute @workgroup_size(${WG})
@@ -175,7 +187,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
   let nEnd = min(n0 + ${NB}u, p.N);
   var ss: array<f32, ${NB}>;
   for (var k = lid; k < p.K; k += ${WG}u) {
-    for (var n = n0; n < nEnd; n++) { let v = x[n * p.K + k]; ss[n - n0] += v * v; }
+    for (var n = n0; n < nEnd; n++) { let v = xin(n, k); ss[n - n0] += v * v; }
   }
   for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = ss[i]; }
   ${reduce}
@@ -188,7 +200,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     ${pick((q) => `a = a${q}[r * p.K + k];`)}
     let wk = nw[k];
     for (var n = n0; n < nEnd; n++) {
-      let hv = wk * (x[n * p.K + k] * rs[n - n0]);
+      let hv = wk * (xin(n, k) * rs[n - n0]);
       if (store) { h[n * p.K + k] = hv; }
       acc[n - n0] += hv * a;
     }
@@ -204,12 +216,34 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
   };
 });
 
+/** A LoRA B product not yet added to the residual stream: x + u B^T, u [N, R] (scaled), B [K, R]. */
+export interface PendingLora {
+  u: Tensor;
+  B: Tensor;
+}
+
+/** Storage bindings of loraNormDownProducts for nA projections (with a pending B product or not). */
+export function loraNormDownBindings(nA: number, pending: boolean): number {
+  return 4 + nA + (pending ? 2 : 0);
+}
+
 /**
- * h [N, K] = rmsnorm(x) with weight normW, and u [terms.length, N, R] = scale_p h A_p^T,
- * in one dispatch (the norm before q/k/v or gate/up, fused with their LoRA A half).
- * The caller releases u.
+ * h [N, K] = rmsnorm(x') with weight normW, and u [terms.length, N, R] = scale_p h A_p^T,
+ * in one dispatch (the norm before q/k/v or gate/up, fused with their LoRA A half);
+ * x' = x, or x + pending.u pending.B^T (same rank R) without writing x. The caller
+ * releases u.
  */
-export function loraNormDownProducts(gpu: Gpu, h: Tensor, x: Tensor, normW: Tensor, eps: number, N: number, K: number, terms: readonly { A: Tensor; scale: number }[]): Tensor {
+export function loraNormDownProducts(
+  gpu: Gpu,
+  h: Tensor,
+  x: Tensor,
+  normW: Tensor,
+  eps: number,
+  N: number,
+  K: number,
+  terms: readonly { A: Tensor; scale: number }[],
+  pending: PendingLora | null = null,
+): Tensor {
   if (terms.length === 0 || terms.length > 3) throw new Error(`loraNormDownProducts: 1..3 projections share one dispatch, got ${terms.length}`);
   if (N < 1 || N > LORA_BATCHED_MAX_N) throw new Error(`loraNormDownProducts: serves 1..${LORA_BATCHED_MAX_N} rows, got ${N}`);
   const R = terms[0]!.A.shape[0]!;
@@ -218,10 +252,15 @@ export function loraNormDownProducts(gpu: Gpu, h: Tensor, x: Tensor, normW: Tens
   }
   if (x.size < N * K || h.size < N * K) throw new Error(`loraNormDownProducts: x ${x} or h ${h} is smaller than [${N}, ${K}]`);
   if (normW.size < K) throw new Error(`loraNormDownProducts: norm weight ${normW} is smaller than [${K}]`);
+  if (pending && (pending.u.size < N * R || pending.B.size !== K * R)) {
+    throw new Error(`loraNormDownProducts: pending u ${pending.u} / B ${pending.B} are not [${N}, ${R}] / [${K}, ${R}] (one rank for all projections)`);
+  }
   const u = gpu.empty([terms.length, N, R], 'f32', 'lora-u');
   const params = NORM_UNIFORMS.params({ N, K, R, scale0: terms[0]!.scale, scale1: terms[1]?.scale ?? 0, scale2: terms[2]?.scale ?? 0, eps });
   const bindings: Tensor[] = [x, normW, h, u];
   for (const t of terms) bindings.push(t.A);
-  gpu.dispatch((normDown[terms.length] ??= normDownKernel(terms.length)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
+  if (pending) bindings.push(pending.u, pending.B);
+  const slot = terms.length + (pending ? 4 : 0);
+  gpu.dispatch((normDown[slot] ??= normDownKernel(terms.length, pending !== null)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
   return u;
 }

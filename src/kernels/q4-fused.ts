@@ -13,6 +13,12 @@
  *
  * so a LoRA projection adds no dispatch of its own beyond the shared A products.
  *
+ *   A products   uA[n, r] = scaleA * x[n, :] . A[r, :]     (rows mode, option `down`)
+ *                by RA extra workgroups after the GEMV's: the LoRA A half of the
+ *                projection itself, whose B half a later dispatch applies (the decode
+ *                step defers o's and down's B products to the next dispatches that read
+ *                the residual stream, decode-fused.ts), so neither needs a dispatch.
+ *
  * Layout of the work: like q4.ts's GEMV (a workgroup owns groups * rowsPerThread rows
  * of one segment; `lanes` threads split each row's blocks; every dequantized word is
  * reused by the NC input rows of the workgroup's chunk), with the segments laid end to
@@ -57,6 +63,9 @@ const U = uniforms('Params', {
   base0: 'u32',
   base1: 'u32',
   base2: 'u32',
+  RA: 'u32',
+  wgA: 'u32',
+  scaleA: 'f32',
 });
 
 export type Q4FusedMode = 'rows' | 'swiglu';
@@ -69,13 +78,16 @@ export type Q4FusedMode = 'rows' | 'swiglu';
  */
 export const Q4_FUSED_MAX_BINDINGS = 12;
 
-/** Storage bindings one fused dispatch of `segments` row ranges of `weights` distinct weights needs. */
-export function q4FusedBindings(segments: number, zeros: boolean, lora: boolean, weights = segments): number {
-  return 2 + (lora ? 1 : 0) + weights * (zeros ? 3 : 2) + (lora ? segments : 0);
+/**
+ * Storage bindings one fused dispatch of `segments` row ranges of `weights` distinct
+ * weights needs (`down`: with the A products' A and output).
+ */
+export function q4FusedBindings(segments: number, zeros: boolean, lora: boolean, weights = segments, down = false): number {
+  return 2 + (lora ? 1 : 0) + weights * (zeros ? 3 : 2) + (lora ? segments : 0) + (down ? 2 : 0);
 }
 
 /** weightOf[s]: which bound weight segment s reads (segments of one packed weight share its bindings). */
-const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning) => {
+const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down = false) => {
   const nSeg = weightOf.length;
   const nW = Math.max(...weightOf) + 1;
   const { lanes, groups, rowsPerThread: R } = tuning;
@@ -85,6 +97,7 @@ const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: 
   if (!(NC >= 1 && NC <= Q4_GEMV_MAX_N)) throw new Error(`q4 fused GEMV: chunk of ${NC} rows is outside 1..${Q4_GEMV_MAX_N}`);
   if (!(nSeg >= 1 && nSeg <= Q4_FUSED_MAX_SEGMENTS)) throw new Error(`q4 fused GEMV: ${nSeg} segments is outside 1..${Q4_FUSED_MAX_SEGMENTS}`);
   if (mode === 'swiglu' && nSeg !== 2) throw new Error('q4 fused GEMV: swiglu needs exactly 2 segments (gate, up)');
+  if (mode === 'swiglu' && down) throw new Error('q4 fused GEMV: A products are served in rows mode only');
   if (lanes < 1 || (lanes & (lanes - 1)) !== 0 || WG > 256 || R < 1 || groups < 1) throw new Error(`q4 fused GEMV: bad tuning ${JSON.stringify(tuning)}`);
   if (nOut * RN * WG * 4 > 16384) throw new Error(`q4 fused GEMV: ${nOut * RN * WG} reduction floats exceed 16 KiB`);
   const rs = [...Array(R).keys()];
@@ -105,6 +118,10 @@ const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: 
     })
     .join('\n');
   const bDecl = lora ? segs.map((s) => `@group(0) @binding(${b++}) var<storage, read> lb${s}: array<f32>;        // LoRA B [rows, R]`).join('\n') : '';
+  const aDecl = down
+    ? `@group(0) @binding(${b++}) var<storage, read> la: array<f32>;        // LoRA A [RA, K]
+@group(0) @binding(${b++}) var<storage, read_write> ua: array<f32>;  // [N, RA], scaled`
+    : '';
 
   const xDecl = aligned
     ? `@group(0) @binding(2) var<storage, read> x: array<vec4f>;   // [N, K/4]
@@ -163,11 +180,36 @@ fn lora${s}(n: u32, row: u32) -> f32 {
   for (var r = 0u; r < p.R; r++) { v += u[ub + r] * lb${s}[bb + r]; }
   return v;
 }`;
+  // Workgroup wgA + r: row r of A against the chunk's NC input rows, all WG threads
+  // striding over K four columns at a time, then one tree over the workgroup.
+  const P2 = 1 << Math.ceil(Math.log2(WG));
+  const aLoad = aligned
+    ? (k: string) => `vec4f(la[${k}], la[${k} + 1u], la[${k} + 2u], la[${k} + 3u])`
+    : (k: string) => `vec4f(${[0, 1, 2, 3].map((i) => `select(0.0, la[min(${k} + ${i}u, ab + p.K - 1u)], k + ${i}u < p.K)`).join(', ')})`;
+  const downFn = `
+fn downProducts(r: u32, lid: u32, n0: u32) {
+  let ab = r * p.K;
+${ns.map((n) => `  let xo${n} = min(n0 + ${n}u, p.N - 1u) * p.K;
+  var d${n} = 0.0;`).join('\n')}
+  for (var k = lid * 4u; k < p.K; k += WG * 4u) {
+    let a = ${aLoad('ab + k')};
+${ns.map((n) => `    d${n} += dot(xq(xo${n}, k), a);`).join('\n')}
+  }
+${ns.map((n) => `  red[${n}u * WG + lid] = d${n};`).join('\n')}
+  workgroupBarrier();
+  for (var s = ${Math.floor(P2 / 2)}u; s > 0u; s >>= 1u) {
+    if (lid < s && lid + s < WG) {
+      for (var i = 0u; i < ${NC}u; i++) { red[i * WG + lid] += red[i * WG + lid + s]; }
+    }
+    workgroupBarrier();
+  }
+  if (lid < ${NC}u && n0 + lid < p.N) { ua[(n0 + lid) * p.RA + r] = p.scaleA * red[lid * WG]; }
+}`;
   const pickSeg = (body: (s: number) => string) => segs.map((s) => `${s > 0 ? ' else ' : ''}if (seg == ${s}u) { ${body(s)} }`).join('');
 
   const main =
     mode === 'rows'
-      ? `
+      ? `${down ? '\n  if (wid.x >= p.wgA) {\n    downProducts(wid.x - p.wgA, lid, n0);\n    return;\n  }' : ''}
   var seg = 0u;
   var g = wid.x;
   var rows = p.rows0;
@@ -213,7 +255,7 @@ ${lora ? '      gate += lora0(n, row);\n      up += lora1(n, row);' : ''}
   }`;
 
   return {
-    label: `q4_fused_gemv ${mode} NC=${NC} seg=${weightOf.join('')}${zeros ? ' zeros' : ''}${lora ? ' lora' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}`,
+    label: `q4_fused_gemv ${mode} NC=${NC} seg=${weightOf.join('')}${zeros ? ' zeros' : ''}${lora ? ' lora' : ''}${down ? ' down' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}`,
     code: /* wgsl */ `
 ${U.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
@@ -221,6 +263,7 @@ ${U.wgsl}
 ${xDecl}
 ${uDecl}${wDecl}
 ${bDecl}
+${aDecl}
 const LANES = ${lanes}u;
 const WG = ${WG}u;
 const RN = ${RN}u;
@@ -230,6 +273,7 @@ fn q4Lo(w: u32) -> vec4f { return bitcast<vec4f>(((vec4u(w) >> vec4u(0u, 4u, 8u,
 fn q4Hi(w: u32) -> vec4f { return bitcast<vec4f>(((vec4u(w) >> vec4u(16u, 20u, 24u, 28u)) & vec4u(15u)) | vec4u(0x4b000000u)); }
 ${ws.map(dotFn).join('\n')}
 ${lora ? segs.map(loraFn).join('\n') : ''}
+${down ? downFn : ''}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
@@ -247,15 +291,15 @@ ${main}
  * times a token).
  */
 const fusedByKey = new Map<number, KernelSource>();
-function fusedKernelFor(NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning): KernelSource {
+function fusedKernelFor(NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down: boolean): KernelSource {
   const { lanes, groups, rowsPerThread } = tuning;
-  if (lanes > 1024 || groups > 1023 || rowsPerThread > 255) return fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning);
+  if (lanes > 1024 || groups > 1023 || rowsPerThread > 255) return fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down);
   let key = NC * 4 + weightOf.length;
   for (let i = 0; i < Q4_FUSED_MAX_SEGMENTS; i++) key = key * 4 + (weightOf[i] ?? 0);
   key = ((((key * 2 + (mode === 'swiglu' ? 1 : 0)) * 2 + (zeros ? 1 : 0)) * 2 + (lora ? 1 : 0)) * 2 + (aligned ? 1 : 0)) * 2048 + lanes;
-  key = (key * 1024 + groups) * 256 + rowsPerThread;
+  key = ((key * 1024 + groups) * 256 + rowsPerThread) * 2 + (down ? 1 : 0);
   let k = fusedByKey.get(key);
-  if (!k) fusedByKey.set(key, (k = fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning)));
+  if (!k) fusedByKey.set(key, (k = fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down)));
   return k;
 }
 
@@ -296,7 +340,18 @@ export interface Q4FusedOptions {
   R?: number;
   /** term of u that segment 0 reads (segment s reads uBase + s); default 0 */
   uBase?: number;
+  /** rows mode: also u [N, RA] = scale x A^T (A [RA, K]) from extra workgroups of this dispatch */
+  down?: Q4FusedDown | null;
   tuning?: Q4GemvTuning;
+}
+
+/** The LoRA A half of a projection, computed beside its GEMV (the B half is applied later). */
+export interface Q4FusedDown {
+  /** [RA, K] */
+  A: Tensor;
+  scale: number;
+  /** [N, RA] output */
+  u: Tensor;
 }
 
 const segRows = (s: Q4FusedSegment) => s.rows ?? s.W.M - (s.rowStart ?? 0);
@@ -314,7 +369,7 @@ function weightIndex(segs: readonly Q4FusedSegment[]): { weights: Q4Weight[]; we
 }
 
 /** Why the segments cannot share one fused dispatch on this device, or null when they can. */
-export function q4FusedUnsupported(gpu: Gpu, segs: readonly Q4FusedSegment[], N: number): string | null {
+export function q4FusedUnsupported(gpu: Gpu, segs: readonly Q4FusedSegment[], N: number, down = false): string | null {
   if (segs.length < 1 || segs.length > Q4_FUSED_MAX_SEGMENTS) return `${segs.length} projections (1..${Q4_FUSED_MAX_SEGMENTS} share a dispatch)`;
   if (!(N >= 1 && N <= Q4_FUSED_MAX_N)) return `N=${N} rows (the fused GEMV serves 1..${Q4_FUSED_MAX_N})`;
   const K = segs[0]!.W.K;
@@ -328,7 +383,7 @@ export function q4FusedUnsupported(gpu: Gpu, segs: readonly Q4FusedSegment[], N:
   }
   const lora = segs[0]!.B != null;
   if (segs.some((s) => (s.B != null) !== lora)) return 'a group where only some projections are adapted';
-  const need = q4FusedBindings(segs.length, zeros, lora, weightIndex(segs).weights.length);
+  const need = q4FusedBindings(segs.length, zeros, lora, weightIndex(segs).weights.length, down);
   const limit = Math.min(gpu.caps.maxStorageBuffersPerShaderStage, Q4_FUSED_MAX_BINDINGS);
   if (need > limit) return `${need} storage bindings (at most ${limit} here: the device allows ${gpu.caps.maxStorageBuffersPerShaderStage}, the kernel uses up to ${Q4_FUSED_MAX_BINDINGS})`;
   return null;
@@ -339,9 +394,11 @@ export function q4FusedUnsupported(gpu: Gpu, segs: readonly Q4FusedSegment[], N:
  * Throws with the reason when q4FusedUnsupported says the group cannot be fused.
  */
 export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: readonly Q4FusedSegment[], opts: Q4FusedOptions): void {
-  const why = q4FusedUnsupported(gpu, segs, N);
+  const down = opts.down ?? null;
+  const why = q4FusedUnsupported(gpu, segs, N, down !== null);
   if (why) throw new Error(`q4FusedGemv: cannot fuse ${why}`);
   const mode = opts.mode ?? 'rows';
+  if (down && mode !== 'rows') throw new Error('q4FusedGemv: A products (down) are served in rows mode only');
   const W0 = segs[0]!.W;
   const K = W0.K;
   const zeros = W0.shards[0]!.zeros != null;
@@ -351,6 +408,12 @@ export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: rea
   if (mode === 'swiglu' && (segs.length !== 2 || rows[1] !== rows[0])) throw new Error('q4FusedGemv: swiglu needs two projections of equal rows (gate, up)');
   if (mode === 'swiglu' && opts.accumulate) throw new Error('q4FusedGemv: swiglu overwrites its output (no accumulate)');
   if (x.size < N * K) throw new Error(`q4FusedGemv: x ${x} is smaller than [${N}, ${K}]`);
+  const RA = down?.A.shape[0] ?? 0;
+  if (down) {
+    if (!(RA >= 1) || down.A.size !== RA * K) throw new Error(`q4FusedGemv: LoRA A ${down.A} is not [rank, ${K}]`);
+    if (down.u.size < N * RA) throw new Error(`q4FusedGemv: A products u ${down.u} is smaller than [${N}, ${RA}]`);
+    if (down.u === y || down.u === opts.u) throw new Error('q4FusedGemv: the A products need their own buffer');
+  }
   const uBase = opts.uBase ?? 0;
   if (lora) {
     if (!opts.u || !(R >= 1)) throw new Error('q4FusedGemv: adapted segments need u [terms, N, R] and R');
@@ -368,10 +431,10 @@ export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: rea
   const perGroup = tuning.groups * tuning.rowsPerThread;
   const wgs = rows.map((r) => ceilDiv(r, perGroup));
   const total = mode === 'swiglu' ? wgs[0]! : wgs.reduce((a, w) => a + w, 0);
-  if (total > MAX_WORKGROUPS_PER_DIM) throw new Error(`q4FusedGemv: ${total} workgroups exceed ${MAX_WORKGROUPS_PER_DIM} (raise rowsPerThread)`);
+  if (total + RA > MAX_WORKGROUPS_PER_DIM) throw new Error(`q4FusedGemv: ${total} workgroups exceed ${MAX_WORKGROUPS_PER_DIM} (raise rowsPerThread)`);
   const NC = Math.min(N, Q4_GEMV_MAX_N);
   const { weights, weightOf } = weightIndex(segs);
-  const kernel = fusedKernelFor(NC, weightOf, mode, zeros, lora, K % 32 === 0, tuning);
+  const kernel = fusedKernelFor(NC, weightOf, mode, zeros, lora, K % 32 === 0, tuning, down !== null);
   const params = U.params({
     N,
     K,
@@ -391,6 +454,9 @@ export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: rea
     base0: segs[0]!.rowStart ?? 0,
     base1: segs[1]?.rowStart ?? 0,
     base2: segs[2]?.rowStart ?? 0,
+    RA,
+    wgA: total,
+    scaleA: down?.scale ?? 0,
   });
   const bindings: Tensor[] = [y, x];
   if (lora) bindings.push(opts.u!);
@@ -400,5 +466,6 @@ export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: rea
     if (zeros) bindings.push(sh.zeros!);
   }
   if (lora) for (const s of segs) bindings.push(s.B!);
-  gpu.dispatch(kernel, bindings, [total, ceilDiv(N, NC)], params);
+  if (down) bindings.push(down.A, down.u);
+  gpu.dispatch(kernel, bindings, [total + RA, ceilDiv(N, NC)], params);
 }

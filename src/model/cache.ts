@@ -266,6 +266,14 @@ function isNotFound(e: unknown): boolean {
   return err?.name === 'NotFoundError' || err?.name === 'TypeMismatchError';
 }
 
+/**
+ * A stored file's name as one OPFS entry name: OPFS refuses "/" (an ONNX export's
+ * "onnx/model_q4.onnx"), so it is escaped, with "%" escaped first to keep names distinct.
+ */
+export function opfsFileName(file: string): string {
+  return file.replace(/%/g, '%25').replace(/\//g, '%2F');
+}
+
 export class OpfsModelCache implements ModelCache {
   constructor(
     private readonly root: DirectoryHandleLike,
@@ -319,7 +327,7 @@ export class OpfsModelCache implements ModelCache {
       open: async (file: string) => {
         let blob: Blob;
         try {
-          blob = await (await dir.getFileHandle(file)).getFile();
+          blob = await (await dir.getFileHandle(opfsFileName(file))).getFile();
         } catch (e) {
           if (isNotFound(e)) throw new ModelCacheError(`cache entry ${key} has lost its file ${file}; delete the cached model and load it again.`);
           throw e;
@@ -339,7 +347,7 @@ export class OpfsModelCache implements ModelCache {
     const dir = await this.root.getDirectoryHandle(key, { create: true });
     try {
       await writeAll(manifest, files, async (name, parts, onBytes) => {
-        const w = await (await dir.getFileHandle(name, { create: true })).createWritable();
+        const w = await (await dir.getFileHandle(opfsFileName(name), { create: true })).createWritable();
         try {
           for await (const p of parts) {
             await w.write(p);

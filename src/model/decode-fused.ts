@@ -4,15 +4,27 @@
  *   h    = rmsnorm(x), u = scale (h A^T) for q, k, v     loraNormDownProducts 1 (LoRA off: rmsnorm 1)
  *   qkv  = h [Wq | Wk | Wv]^T + u B^T                    q4FusedGemv rows     1
  *   q, cache k, v = rope / store from qkv                ropeKvWrite          1
- *   att  = attention(q, cache)                           attentionDecode      (prefix, rows, combine)
+ *   att  = attention(q, cache)                           attentionDecode      2 (prefix + cache chunks, combine)
  *   x   += att Wo^T + u_o Bo^T                           (A products 1) + GEMV 1
  *   h2   = rmsnorm(x), u for gate, up                    loraNormDownProducts 1 (LoRA off: rmsnorm 1)
  *   act  = silu(h2 Wg^T + ..) * (h2 Wu^T + ..)           q4FusedGemv swiglu   1
  *   x   += act Wd^T + u_d Bd^T                           (A products 1) + GEMV 1
  *
+ * With every projection adapted and a FusedDecodeCarry from the caller, o's and down's
+ * A products come from extra workgroups of their own GEMV dispatch, and their B
+ * products are deferred to the next dispatches that read the residual stream:
+ *
+ *   u_o = scale att Ao^T                      beside x += att Wo^T + u_d' Bd'^T   (d': the layer before)
+ *   h2  = rmsnorm(x + u_o Bo^T)               the norm adds it on the fly (x not written)
+ *   u_d = scale act Ad^T                      beside x += act Wd^T + u_o Bo^T
+ *   next layer: h = rmsnorm(x + u_d Bd^T), and its o GEMV adds u_d Bd^T to x
+ *
+ * so a layer with LoRA costs the dispatches of one without; the last layer adds its
+ * u_d Bd^T with one small dispatch (smallk rowsForward) before the final norm.
+ *
  * The same arithmetic as infer.ts's decoderLayer (same GEMV lane split and reduction,
  * LoRA B terms added to each output before it is stored, the same RoPE and cache
- * rounding), with no q, k, v, gate or up tensors and no separate LoRA B, RoPE or
+ * rounding; deferred B terms are summed in another order, equal within rounding), with no q, k, v, gate or up tensors and no separate LoRA B, RoPE or
  * SwiGLU dispatches. A group whose weights need more storage bindings than the device
  * allows is split into as few dispatches as fit (q4FusedUnsupported); packed weights
  * (pack.ts) keep q/k/v and gate/up within 10 bindings with LoRA and zero points.
@@ -21,11 +33,12 @@ import type { Gpu } from '../gpu/gpu';
 import type { Tensor } from '../gpu/tensor';
 import { swigluForward } from '../kernels/elementwise';
 import { q4RowsOf, type FrozenLinear, type Q4Rows } from '../kernels/linear';
-import { LORA_BATCHED_MAX_N, loraDownProducts, loraNormDownProducts } from '../kernels/lora-decode';
-import { Q4_FUSED_MAX_N, q4FusedGemv, q4FusedUnsupported, type Q4FusedSegment } from '../kernels/q4-fused';
+import { LORA_BATCHED_MAX_N, loraDownProducts, loraNormDownBindings, loraNormDownProducts, type PendingLora } from '../kernels/lora-decode';
+import { Q4_FUSED_MAX_N, q4FusedGemv, q4FusedUnsupported, type Q4FusedDown, type Q4FusedSegment } from '../kernels/q4-fused';
 import type { Q4Weight } from '../kernels/q4-layout';
 import { rmsnormForward } from '../kernels/rmsnorm';
 import { ropeKvWrite } from '../kernels/rope-kv';
+import { rowsForward } from '../kernels/smallk';
 import type { LoraFactors, ProjectionName } from './infer';
 import type { LlamaWeights } from './weights';
 
@@ -96,8 +109,9 @@ const loraTerm = (it: Item) => ({ A: it.f!.A, scale: it.f!.scale });
  * h [N, C] = rmsnorm(x) and, when every item is adapted, the items' LoRA A products
  * from the same dispatch (returned; the caller releases them), else null.
  */
-function normAndDown(gpu: Gpu, h: Tensor, rstd: Tensor, x: Tensor, normW: Tensor, eps: number, N: number, C: number, items: readonly Item[]): Tensor | null {
-  if (items.every((it) => it.f !== null)) return loraNormDownProducts(gpu, h, x, normW, eps, N, C, items.map(loraTerm));
+function normAndDown(gpu: Gpu, h: Tensor, rstd: Tensor, x: Tensor, normW: Tensor, eps: number, N: number, C: number, items: readonly Item[], pending: PendingLora | null = null): Tensor | null {
+  if (items.every((it) => it.f !== null)) return loraNormDownProducts(gpu, h, x, normW, eps, N, C, items.map(loraTerm), pending);
+  if (pending) throw new Error('fused decode: a deferred LoRA B product needs an adapted norm group');
   rmsnormForward(gpu, h, rstd, x, normW, N, C, eps);
   return null;
 }
@@ -141,6 +155,48 @@ function gateUp(gpu: Gpu, act: Tensor, x: Tensor, N: number, gate: Item, up: Ite
   g.release();
 }
 
+/**
+ * y [N, C] += x W^T + pending.u pending.B^T (the previous deferred LoRA B product, if
+ * any), and down.u = scale x A^T from the same dispatch.
+ */
+function residualWithDown(gpu: Gpu, y: Tensor, x: Tensor, N: number, it: Item, C: number, pending: PendingLora | null, down: Q4FusedDown): void {
+  const seg: Q4FusedSegment = { W: it.W, rowStart: it.rowStart, rows: it.rows, yOffset: 0, B: pending?.B ?? null };
+  q4FusedGemv(gpu, y, x, N, [seg], { yStride: C, accumulate: true, u: pending?.u ?? null, R: pending ? down.A.shape[0]! : 0, down });
+}
+
+/**
+ * Carried from one layer of a decode step to the next (fusedDecodeCarry makes one per
+ * step): whether LoRA B products are deferred, and the one still to be added.
+ */
+export interface FusedDecodeCarry {
+  readonly defer: boolean;
+  /** the layer the next fusedDecodeLayer call must run */
+  next: number;
+  pending: PendingLora | null;
+}
+
+/**
+ * A step's carry: deferral needs every projection of every layer adapted (one rank,
+ * as fusedDecodeSupported checks) and the binding counts within the device's limit.
+ */
+export function fusedDecodeCarry(gpu: Gpu, w: LlamaWeights, lora: ReadonlyArray<LayerLora> | null, B: number): FusedDecodeCarry {
+  return { defer: lora !== null && canDefer(gpu, w, lora, B), next: 0, pending: null };
+}
+
+function canDefer(gpu: Gpu, w: LlamaWeights, lora: ReadonlyArray<LayerLora>, B: number): boolean {
+  if (loraNormDownBindings(3, true) > gpu.caps.maxStorageBuffersPerShaderStage) return false;
+  for (let l = 0; l < w.layers.length; l++) {
+    const layer = w.layers[l]!;
+    const ad = lora[l];
+    if (!ad || PROJECTIONS.some((p) => !ad[p])) return false;
+    for (const p of ['o', 'down'] as const) {
+      const r = q4RowsOf(layer[p])!;
+      if (q4FusedUnsupported(gpu, [{ W: r.W, rowStart: r.rowStart, rows: r.rows, yOffset: 0, B: ad[p]!.B }], B, true) !== null) return false;
+    }
+  }
+  return true;
+}
+
 /** The cache of one layer and the step's per-row vectors. */
 export interface FusedDecodeCache {
   k: Tensor;
@@ -154,7 +210,9 @@ export interface FusedDecodeCache {
 
 /**
  * x [B, C] += decoder layer l (module comment). `attend` writes att [B, H, D] from the
- * roped q [B, H, D]; the step's k and v are already in the cache when it runs.
+ * roped q [B, H, D]; the step's k and v are already in the cache when it runs. With a
+ * carry, the layers run in order 0 .. L-1 on one x (LoRA B products may be deferred
+ * from one layer to the next; the last layer adds what is left).
  */
 export function fusedDecodeLayer(
   gpu: Gpu,
@@ -165,16 +223,22 @@ export function fusedDecodeLayer(
   B: number,
   cache: FusedDecodeCache,
   attend: (att: Tensor, q: Tensor) => void,
+  carry: FusedDecodeCarry | null = null,
 ): void {
   const { hiddenSize: C, intermediateSize: F, numHeads: H, numKvHeads: HK, headDim: D, rmsNormEps: eps } = w.config;
   const layer = w.layers[l]!;
   const ad = lora?.[l] ?? null;
+  if (carry && carry.next !== l) throw new Error(`fusedDecodeLayer: layer ${l} called where the step's carry expects layer ${carry.next}`);
+  if (carry) carry.next = l + 1;
+  const defer = carry?.defer === true;
+  const pendingIn = carry?.pending ?? null;
+  if (carry) carry.pending = null;
   const item = (p: ProjectionName, yOffset: number): Item => ({ ...q4RowsOf(layer[p])!, yOffset, f: ad?.[p] ?? null });
 
   const rstd = gpu.empty([B], 'f32', 'rstd');
   const h = gpu.empty([B, C], 'f32', 'h');
   const qkvItems = [item('q', 0), item('k', H * D), item('v', (H + HK) * D)];
-  const uQkv = normAndDown(gpu, h, rstd, x, layer.inputNorm, eps, B, C, qkvItems);
+  const uQkv = normAndDown(gpu, h, rstd, x, layer.inputNorm, eps, B, C, qkvItems, pendingIn);
   const qkvCols = (H + 2 * HK) * D;
   const qkv = gpu.empty([B, qkvCols], 'f32', 'qkv');
   projectRows(gpu, qkv, h, B, qkvItems, qkvCols, false, uQkv);
@@ -186,18 +250,40 @@ export function fusedDecodeLayer(
   const att = gpu.empty([B, H, D], 'f32', 'att');
   attend(att, q);
   q.release();
-  projectRows(gpu, x, att, B, [item('o', 0)], C, true);
+  let pendingO: PendingLora | null = null;
+  if (defer) {
+    const o = ad!.o!;
+    pendingO = { u: gpu.empty([B, o.A.shape[0]!], 'f32', 'lora-u'), B: o.B };
+    residualWithDown(gpu, x, att, B, item('o', 0), C, pendingIn, { A: o.A, scale: o.scale, u: pendingO.u });
+  } else {
+    projectRows(gpu, x, att, B, [item('o', 0)], C, true);
+  }
+  pendingIn?.u.release();
   att.release();
 
   const h2 = gpu.empty([B, C], 'f32', 'h2');
   const gateItem = item('gate', 0);
   const upItem = item('up', 0);
-  const uGateUp = normAndDown(gpu, h2, rstd, x, layer.postNorm, eps, B, C, [gateItem, upItem]);
+  const uGateUp = normAndDown(gpu, h2, rstd, x, layer.postNorm, eps, B, C, [gateItem, upItem], pendingO);
   rstd.release();
   const act = gpu.empty([B, F], 'f32', 'act');
   gateUp(gpu, act, h2, B, gateItem, upItem, F, uGateUp);
   uGateUp?.release();
   h2.release();
-  projectRows(gpu, x, act, B, [item('down', 0)], C, true);
+  if (defer) {
+    const d = ad!.down!;
+    const R = d.A.shape[0]!;
+    const uD = gpu.empty([B, R], 'f32', 'lora-u');
+    residualWithDown(gpu, x, act, B, item('down', 0), C, pendingO, { A: d.A, scale: d.scale, u: uD });
+    pendingO!.u.release();
+    if (l + 1 < w.layers.length) {
+      carry!.pending = { u: uD, B: d.B };
+    } else {
+      rowsForward(gpu, x, uD, d.B, B, R, 0, C, true);
+      uD.release();
+    }
+  } else {
+    projectRows(gpu, x, act, B, [item('down', 0)], C, true);
+  }
   act.release();
 }

@@ -24,10 +24,11 @@
  * passing null) gives the reference policy.
  */
 import type { Gpu } from '../gpu/gpu';
+import type { CommandList } from '../gpu/replay';
 import type { Tensor } from '../gpu/tensor';
 import { attentionDecode, attentionForward, kvCacheWrite, type KvDtype } from '../kernels/attention';
 import { convertCopy } from '../kernels/convert';
-import { fusedDecodeLayer, fusedDecodeSupported } from './decode-fused';
+import { fusedDecodeCarry, fusedDecodeLayer, fusedDecodeSupported } from './decode-fused';
 import { swigluForward } from '../kernels/elementwise';
 import { embeddingForward, embeddingForwardF32 } from '../kernels/embedding';
 import { LORA_BATCHED_MAX_N, loraDecode } from '../kernels/lora-decode';
@@ -51,6 +52,13 @@ export interface InferenceLora {
   /** false runs the base model (the reference policy) */
   enabled: boolean;
   layers: ReadonlyArray<Partial<Record<ProjectionName, LoraFactors>>>;
+  /**
+   * The scale every factor in `layers` has, where the adapter has one (LoraAdapter
+   * does). With it, a recorded decode step is keyed by the adapter object and this
+   * scale, and `layers` (which a LoraAdapter builds afresh on each read) is read only
+   * when the step is recorded; without it, every step reads and compares `layers`.
+   */
+  readonly scale?: number;
 }
 
 /**
@@ -85,6 +93,8 @@ export class KvCache {
   readonly lengths: number[];
   /** per layer [P, HK, D], or null */
   prefix: { k: Tensor[]; v: Tensor[]; P: number } | null = null;
+  /** decodeStep's recorded step and its per-token inputs (made by the first decodeStep) */
+  decodeReplay: DecodeReplay | null = null;
   private released = false;
 
   constructor(
@@ -123,6 +133,8 @@ export class KvCache {
   release(): void {
     if (this.released) return;
     this.released = true;
+    this.decodeReplay?.release();
+    this.decodeReplay = null;
     for (const t of [...this.k, ...this.v, ...(this.prefix?.k ?? []), ...(this.prefix?.v ?? [])]) t.release();
     this.prefix = null;
   }
@@ -457,42 +469,215 @@ export function prefill(
 // ---- decode --------------------------------------------------------------------
 
 /**
+ * Attention's upper bound on the rows' lengths, as decodeStep rounds it: up to 16
+ * times a power of two, capped at Smax, so a recorded step serves many tokens (16,
+ * 16, 32, 64, 128, ...) before it is recorded again. The chunks this adds lie past
+ * every row's length: attention's workgroups for them find nothing to read and the
+ * combine skips them, so the results are the same, bit for bit.
+ */
+export function decodeLengthBound(longest: number, Smax: number): number {
+  let bound = 16;
+  while (bound < longest) bound *= 2;
+  return Math.min(Smax, bound);
+}
+
+const PROJECTIONS: readonly ProjectionName[] = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'];
+
+function factorList(lora: InferenceLora): (Tensor | number | null)[] {
+  const out: (Tensor | number | null)[] = [];
+  for (const layer of lora.layers) {
+    for (const p of PROJECTIONS) {
+      const f = layer[p];
+      out.push(f?.A ?? null, f?.B ?? null, f?.scale ?? null);
+    }
+  }
+  return out;
+}
+
+function sameFactors(list: readonly (Tensor | number | null)[], lora: InferenceLora): boolean {
+  const layers = lora.layers;
+  if (list.length !== layers.length * 3 * PROJECTIONS.length) return false;
+  let i = 0;
+  for (const layer of layers) {
+    for (const p of PROJECTIONS) {
+      const f = layer[p];
+      if (f ? list[i] !== f.A || list[i + 1] !== f.B || list[i + 2] !== f.scale : list[i] !== null) return false;
+      i += 3;
+    }
+  }
+  return true;
+}
+
+/**
+ * What decodeStep keeps between the steps of one cache: the step's commands as a
+ * CommandList (src/gpu/replay.ts), what they were recorded for (the key), and the
+ * buffers that carry a token's values: one u32 [3, B] upload (positions, write
+ * offsets, attention lengths), copied by the recorded step into the three [B]
+ * vectors its kernels bind.
+ */
+export class DecodeReplay {
+  readonly inputs: Tensor;
+  readonly positions: Tensor;
+  readonly offsets: Tensor;
+  readonly lengths: Tensor;
+  readonly values: Uint32Array;
+  list: CommandList | null = null;
+  /** Steps recorded so far (tests use it to prove the replay path). */
+  recordings = 0;
+  private key: {
+    w: LlamaWeights;
+    ids: Tensor;
+    prefix: KvCache['prefix'];
+    maxLength: number;
+    lora: InferenceLora | null;
+    scale: number | undefined;
+    /** A, B, scale of every layer's projections, for an adapter without a `scale` */
+    factors: (Tensor | number | null)[];
+  } | null = null;
+
+  constructor(gpu: Gpu, readonly B: number) {
+    this.inputs = gpu.empty([3 * B], 'u32', 'decode-inputs');
+    this.positions = gpu.empty([B], 'u32', 'decode-positions');
+    this.offsets = gpu.empty([B], 'u32', 'decode-offsets');
+    this.lengths = gpu.empty([B], 'u32', 'decode-lengths');
+    this.values = new Uint32Array(3 * B);
+  }
+
+  /**
+   * Whether the recorded list was made for exactly this step: the same weights, ids
+   * tensor, adapter (on or off as then, same tensors and scales), shared prefix and
+   * length bound, and every tensor it binds still alive. An adapter with a `scale`
+   * is keyed by the object and that scale: it trains in place (same tensors, new
+   * values: nothing to record again), and tensors replaced would have been released,
+   * which the list notices.
+   */
+  matches(w: LlamaWeights, ids: Tensor, lora: InferenceLora | null, prefix: KvCache['prefix'], maxLength: number): boolean {
+    const k = this.key;
+    if (!k || !this.list || k.w !== w || k.ids !== ids || k.prefix !== prefix || k.maxLength !== maxLength) return false;
+    const on = lora && lora.enabled ? lora : null;
+    if (k.lora !== on) return false;
+    if (on && (on.scale !== undefined ? on.scale !== k.scale : !sameFactors(k.factors, on))) return false;
+    return this.list.replayable;
+  }
+
+  setKey(w: LlamaWeights, ids: Tensor, lora: InferenceLora | null, prefix: KvCache['prefix'], maxLength: number): void {
+    const on = lora && lora.enabled ? lora : null;
+    this.key = { w, ids, prefix, maxLength, lora: on, scale: on?.scale, factors: on && on.scale === undefined ? factorList(on) : [] };
+  }
+
+  release(): void {
+    this.list?.release();
+    this.list = null;
+    for (const t of [this.inputs, this.positions, this.offsets, this.lengths]) t.release();
+  }
+}
+
+export interface DecodeStepOptions {
+  /**
+   * false: record the step's commands afresh, as every step did before replay (each
+   * step's vectors uploaded, the exact length bound); tests compare the two paths.
+   * Default true: replay the cache's recorded step (see decodeStep).
+   */
+  replay?: boolean;
+}
+
+/**
  * One new token per cache row: ids (u32 GPU tensor [B], e.g. the sampler's output, so
  * no host round trip) at positions P + lengths[b]. Appends each row's K/V and returns
  * logits [B, V]. Rows with active[b] false still run (a batch keeps its shape) but
  * their lengths do not advance, so their cache is left as it was.
  *
- * The three small per-row vectors (positions, write offsets, attention lengths) are
- * uploaded before anything is recorded, so the uploads never split a command buffer.
+ * Host cost: the step's commands are recorded once into a CommandList kept on the
+ * cache and replayed every token; per token the host writes one u32 [3, B] upload
+ * (positions, write offsets, attention lengths) and encodes the list. The step is
+ * recorded again when what it was recorded for changes (DecodeReplay.matches): other
+ * weights, ids tensor or adapter, LoRA switched on or off, the shared prefix, a bound
+ * tensor released (replaced), or the length bound growing (decodeLengthBound: after
+ * 16, 32, 64, ... tokens). The logits returned
+ * are lent by the list: release them before the next step of this cache (a step
+ * whose previous logits are still held is recorded afresh). The upload runs before
+ * anything is recorded, so it never splits a command buffer.
  */
-export function decodeStep(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null, ids: Tensor, cache: KvCache, active?: readonly boolean[]): Tensor {
+export function decodeStep(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null, ids: Tensor, cache: KvCache, active?: readonly boolean[], opts: DecodeStepOptions = {}): Tensor {
   const B = cache.B;
   if (ids.dtype !== 'u32' || ids.size < B) throw new Error(`decodeStep: ids must be u32 [${B}], got ${ids}`);
   if (active && active.length !== B) throw new Error(`decodeStep: active has ${active.length} entries for ${B} rows`);
   const isActive = (b: number) => !active || active[b]!;
   const P = cache.P;
-  for (let b = 0; b < B; b++) {
-    if (isActive(b) && cache.lengths[b]! >= cache.Smax) throw new Error(`decodeStep: cache row ${b} is full (${cache.Smax} positions)`);
-  }
-  const { hiddenSize: C, numHeads: H, numKvHeads: HK, headDim: D } = w.config;
   const len = cache.lengths;
-  const posT = uploadU32(gpu, len.map((n) => P + n), 'decode-positions');
-  const offT = uploadU32(gpu, len, 'decode-offsets');
-  const lenT = uploadU32(gpu, len.map((n) => Math.min(n + 1, cache.Smax)), 'decode-lengths');
-  const maxLength = Math.min(cache.Smax, Math.max(...len) + 1);
+  let longest = 0;
+  for (let b = 0; b < B; b++) {
+    if (isActive(b) && len[b]! >= cache.Smax) throw new Error(`decodeStep: cache row ${b} is full (${cache.Smax} positions)`);
+    longest = Math.max(longest, len[b]!);
+  }
+  let logits: Tensor;
+  if (opts.replay === false) {
+    const ad = passLora(lora);
+    const posT = uploadU32(gpu, len.map((n) => P + n), 'decode-positions');
+    const offT = uploadU32(gpu, len, 'decode-offsets');
+    const lenT = uploadU32(gpu, len.map((n) => Math.min(n + 1, cache.Smax)), 'decode-lengths');
+    logits = decodeLayers(gpu, w, ad, ids, cache, posT, offT, lenT, Math.min(cache.Smax, longest + 1));
+    posT.release();
+    offT.release();
+    lenT.release();
+  } else {
+    const r = (cache.decodeReplay ??= new DecodeReplay(gpu, B));
+    const v = r.values;
+    for (let b = 0; b < B; b++) {
+      v[b] = P + len[b]!;
+      v[B + b] = len[b]!;
+      v[2 * B + b] = Math.min(len[b]! + 1, cache.Smax);
+    }
+    gpu.write(r.inputs, v);
+    const maxLength = decodeLengthBound(longest + 1, cache.Smax);
+    let list = r.list;
+    if (!list || !r.matches(w, ids, lora, cache.prefix, maxLength)) {
+      const ad = passLora(lora);
+      list?.release();
+      r.list = null;
+      list = r.list = gpu.record('decode-step', () => {
+        gpu.copy(r.inputs, r.positions, B * 4, 0, 0);
+        gpu.copy(r.inputs, r.offsets, B * 4, B * 4, 0);
+        gpu.copy(r.inputs, r.lengths, B * 4, 2 * B * 4, 0);
+        return [decodeLayers(gpu, w, ad, ids, cache, r.positions, r.offsets, r.lengths, maxLength)];
+      });
+      r.setKey(w, ids, lora, cache.prefix, maxLength);
+      r.recordings++;
+    }
+    logits = gpu.replay(list)[0]!;
+  }
+  for (let b = 0; b < B; b++) if (isActive(b)) len[b] = len[b]! + 1;
+  return logits;
+}
 
+/** The layers and LM head of a decode step on the given per-row vectors; returns logits [B, V]. */
+function decodeLayers(
+  gpu: Gpu,
+  w: LlamaWeights,
+  ad: ReadonlyArray<LayerLora> | null,
+  ids: Tensor,
+  cache: KvCache,
+  posT: Tensor,
+  offT: Tensor,
+  lenT: Tensor,
+  maxLength: number,
+): Tensor {
+  const B = cache.B;
+  const P = cache.P;
+  const { hiddenSize: C, numHeads: H, numKvHeads: HK, headDim: D } = w.config;
   const x = gpu.empty([B, C], 'f32', 'x');
   embed(gpu, x, ids, w, B);
-  const ad = passLora(lora);
   // 4-bit weights: the fused kernels (q/k/v in one GEMV, RoPE with the cache write,
   // gate/up with SwiGLU, LoRA B in the GEMV epilogues); otherwise the general layer.
   const fused = fusedDecodeSupported(w, ad, B);
+  const carry = fused ? fusedDecodeCarry(gpu, w, ad, B) : null;
   for (let l = 0; l < w.config.numLayers; l++) {
     const prefix = cache.prefix ? { k: cache.prefix.k[l]!, v: cache.prefix.v[l]!, P } : null;
     if (fused) {
       const layerCache = { k: cache.k[l]!, v: cache.v[l]!, Smax: cache.Smax, positions: posT, offsets: offT };
       fusedDecodeLayer(gpu, w, l, ad, x, B, layerCache, (att, q) =>
         attentionDecode(gpu, att, q, cache.k[l]!, cache.v[l]!, lenT, prefix, B, cache.Smax, H, HK, D, { maxLength }),
+        carry,
       );
       continue;
     }
@@ -503,10 +688,6 @@ export function decodeStep(gpu: Gpu, w: LlamaWeights, lora: InferenceLora | null
       attentionDecode(gpu, att, q, cache.k[l]!, cache.v[l]!, lenT, prefix, B, cache.Smax, H, HK, D, { maxLength });
     });
   }
-  posT.release();
-  offT.release();
-  lenT.release();
-  for (let b = 0; b < B; b++) if (isActive(b)) len[b] = len[b]! + 1;
   const logits = lastLogits(gpu, w, x, Array.from({ length: B }, (_, b) => b));
   x.release();
   return logits;

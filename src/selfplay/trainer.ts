@@ -4,42 +4,40 @@
  * checkpoints, export/import and evaluation. The same code runs in the browser's
  * worker and in Node (`npm run selfplay`).
  *
- * One iteration (step()):
- *   1. Challenger: the policy under the challenger prompt samples N queries (one
- *      prompt, N rows, prefilled once).
- *   2. Solver: each query as a user turn, G answers each (N prompts x G rows, one batch).
- *   3. Rewards per answer from the enabled sources (verifiable arithmetic, the
- *      reference model as judge with the adapter switched off, a reward model), then
- *      group values, Solver and Challenger advantages (advantages.ts).
- *   4. Reference log-probs (adapter off) of every answer and query, inference passes.
- *   5. Training: for each micro-batch of sequences (answers, then queries) a recorded
- *      forward pass gives the policy's log-probs and entropies (one readback), the host
- *      turns them into dL/dlogp (losses.ts, with aggregation coefficients of the whole
- *      iteration), and the backward pass adds the LoRA grads. Then one AdamW step with
- *      clipping. A non-finite loss skips the backward passes and the step; a non-finite
- *      gradient is caught by the GPU's skip flag; either way the adapter and optimizer
- *      state stay as they were and the skip is reported.
+ * One iteration (step()) is a pipeline over one flat list of rollouts (rollouts.ts):
+ *   play    the Challenger, the policy under the challenger prompt, samples N queries (one
+ *           prompt, N rows, prefilled once); the Solver answers each G times (N prompts x G
+ *           rows, one batch).
+ *   reward  rewards per answer from the enabled sources (verifiable arithmetic, the user's
+ *           reward, a reward model, the reference model as judge), then group values and
+ *           both roles' advantages (advantages.ts).
+ *   score   the reference pass: log-probs of every answer and query with no adapter.
+ *   update  the policy pass over the same micro-batches (answers, then queries): a recorded
+ *           forward gives log-probs and entropies (one readback), the host turns them into
+ *           dL/dlogp (losses.ts, with aggregation coefficients of the whole iteration), and
+ *           the backward adds the LoRA grads. Then one AdamW step with clipping. A
+ *           non-finite loss skips the backward passes and the step; a non-finite gradient
+ *           is caught by the GPU's skip flag; either way the adapter and optimizer state
+ *           stay as they were and the skip is reported.
+ *   record  games and metrics, the exam when due, events and the checkpoint.
  * Sampling seeds are a hash of (run seed, iteration, role), so a resumed run draws
  * exactly what the uninterrupted run would have.
  */
 import { nonFiniteCount } from '../formats/finite';
 import { writeSafetensors, parseSafetensors } from '../formats/safetensors';
 import type { Gpu } from '../gpu/gpu';
-import type { Tensor } from '../gpu/tensor';
-import { generate, type GenerateResult } from '../model/generate';
-import { sequenceLogprobs, sequenceScore, type TokenBatch } from '../model/llama';
+import { generate } from '../model/generate';
+import { sequenceScore } from '../model/llama';
 import type { LoadedModel } from '../model/load';
 import { LoraAdapter, type LoraOptimizerState, type PeftInput } from '../model/lora';
 import type { ChatTokenizer } from '../model/tokenizer';
-import { computeAdvantages, mean, stdUnbiased, type RewardSource } from './advantages';
+import { computeAdvantages, type RewardSource } from './advantages';
 import type { RewardHook } from './custom-reward';
-import { chunks, completionBatch, type Completion } from './batch';
+import { chunks } from './batch';
 import { makeConfig, scheduledLr, validateConfig, type TrainerConfig } from './config';
 import { runExam as answerExam, type ExamProblem, type ExamResult } from './exam';
 import { GamesLog, MemoryChunkStore, type GameChunkStore, type GameQuery, type GameSearchResult, type GamesLogState } from './games-log';
 import { judgeMessages, resolveJudgeScore, type ChatMessage } from './judge';
-import { klSequence } from './kl';
-import { aggregationCoefficients, sequenceTerms } from './losses';
 import {
   EVAL_INSTRUCTIONS,
   arithmeticChallengerMessages,
@@ -53,8 +51,30 @@ import {
   parsePairVerdict,
   solverMessages,
   verifiableReward,
+  type ArithmeticWorldSettings,
 } from './prompts';
-import type { AnswerRecord, EvaluationItem, EvaluationJudge, EvaluationResult, GameRecord, IterationMetrics, IterationPhase, RunFiles, RunStore, TrainerEvent } from './types';
+import {
+  answerTable,
+  applyAdvantages,
+  batchGradient,
+  finiteLoss,
+  iterationValues,
+  lossCoefficients,
+  newRollout,
+  ofRole,
+  queryTexts,
+  recordGames,
+  scoreRollouts,
+  scoringBatches,
+  verifiableRewards,
+  zeroLossParts,
+  type IterationFacts,
+  type IterationRewards,
+  type Rollout,
+  type ScoringBatch,
+  type UpdateReport,
+} from './rollouts';
+import type { EvaluationItem, EvaluationJudge, EvaluationResult, GameRecord, IterationMetrics, IterationPhase, RunFiles, RunStore, TrainerEvent } from './types';
 
 export interface TrainerModels {
   gpu: Gpu;
@@ -115,13 +135,6 @@ export function deriveSeed(seed: number, iteration: number, role: number): numbe
 }
 
 const ROLE = { challenger: 1, solver: 2, judge: 3, evalBase: 4, evalAdapter: 5, evalJudge: 6 } as const;
-
-interface Query {
-  text: string;
-  /** The Challenger's sampled tokens (the sequence its loss is taken over). */
-  tokens: number[];
-  finishReason: GenerateResult['answers'][number]['finishReason'];
-}
 
 /** Streams decoded text per generation row as deltas, holding back incomplete characters. */
 class TextStreams {
@@ -272,7 +285,7 @@ export class SelfPlayTrainer {
 
   /**
    * Plays one iteration and applies one update; returns its metrics. An abort of
-   * `opts.signal` (Stop now) ends the iteration within one decode step (or one training
+   * `opts.signal` (Stop now) ends the iteration within one decode step (or one scoring
    * micro-batch), throwing the signal's reason; the iteration is discarded, and the adapter,
    * optimizer, games and metrics stay exactly as they were before it.
    */
@@ -280,302 +293,202 @@ export class SelfPlayTrainer {
     if (this.released) throw new TrainerError('the trainer was released');
     const abortCheck = () => opts.signal?.throwIfAborted();
     abortCheck();
-    const { gpu, model, tokenizer } = this.models;
-    const w = model.weights;
+    const { gpu, model } = this.models;
     const c = this.config;
     const it = this.iteration;
-    const N = c.queriesPerIteration;
-    const G = c.groupSize;
-    const arith = c.world === 'arithmetic';
-    const free = c.world === 'freeform-arithmetic';
-    const worldSettings = { maxOperand: c.arithmeticMaxOperand, operators: c.arithmeticOperators };
-    const t0 = performance.now();
+    const start = performance.now();
     gpu.pool.resetPeaks();
     this.lora.enabled = true;
 
-    // 1. Challenger
-    this.phase('challenger');
+    const rollouts = await this.play(it, abortCheck);
+    const played = performance.now();
+    const rewards = await this.reward(it, rollouts, opts.signal, abortCheck);
+    const rewarded = performance.now();
+
+    abortCheck();
+    this.phase('scoring');
+    gpu.pool.trim();
+    const batches = scoringBatches(rollouts, { microBatch: c.microBatch, vocabSize: model.weights.config.vocabSize, challenger: c.alphaCh > 0 });
+    await scoreRollouts(gpu, model.weights, null, batches, { temperature: temperatureOf(c), train: false, beforeBatch: abortCheck });
+    this.phase('training');
+    const update = await this.update(it, rollouts, batches, opts.signal);
+    const updated = performance.now();
+
+    return this.record(it, rollouts, rewards, update, { start, played, rewarded, updated });
+  }
+
+  /** Play: the Challenger's N queries, then the Solver's G answers to each, as rollouts (queries first). */
+  private async play(it: number, abortCheck: () => void): Promise<Rollout[]> {
+    const { gpu, model, tokenizer } = this.models;
+    const w = model.weights;
+    const c = this.config;
+    const N = c.queriesPerIteration;
+    const G = c.groupSize;
+    const arith = c.world === 'arithmetic';
     const eos = tokenizer.eosTokenIds;
-    let cpPrompt: number[];
-    let queries: Query[];
-    const stream = (role: 'challenger' | 'solver' | 'judge', rows: number, perQuery: number) =>
-      new TextStreams(rows, (ids) => this.decode(ids), (row, delta) =>
-        this.emit({ type: 'token', iteration: it, role, query: Math.floor(row / perQuery), answer: row % perQuery, delta }),
-      );
+    const sampling = { temperature: c.temperature, topP: c.topP };
+
+    this.phase('challenger');
+    const cs = this.stream(it, 'challenger', N, 1);
+    let queries: Rollout[];
     if (arith) {
       const nums = this.numberTokens();
-      cpPrompt = tokenizer.encode(arithmeticChallengerPrompt(c.arithmeticMaxOperand));
-      const s = stream('challenger', N, 1);
+      const prompt = tokenizer.encode(arithmeticChallengerPrompt(c.arithmeticMaxOperand));
       const gen = await generate(gpu, w, this.lora, {
-        prompt: cpPrompt, G: N, maxNewTokens: 2, temperature: c.temperature, topP: c.topP, seed: deriveSeed(c.seed, it, ROLE.challenger),
-        stopTokens: [], allowedTokens: nums.slice(0, c.arithmeticMaxOperand + 1), onToken: (row, id) => (abortCheck(), s.push(row, id)),
+        prompt, G: N, maxNewTokens: 2, ...sampling, seed: deriveSeed(c.seed, it, ROLE.challenger),
+        stopTokens: [], allowedTokens: nums.slice(0, c.arithmeticMaxOperand + 1), onToken: (row, id) => (abortCheck(), cs.push(row, id)),
       });
-      queries = gen.answers.map((a) => {
+      queries = gen.answers.map((a, i) => {
         const [x, y] = a.tokens.map((id) => nums.indexOf(id));
-        return { text: arithmeticQuery(x!, y!), tokens: a.tokens, finishReason: a.finishReason };
+        return newRollout('challenger', i, prompt, a.tokens, arithmeticQuery(x!, y!), a.finishReason);
       });
     } else {
-      cpPrompt = this.chat(free ? arithmeticChallengerMessages(worldSettings) : challengerMessages(c.task, c.template));
-      const s = stream('challenger', N, 1);
+      const prompt = this.chat(c.world === 'freeform-arithmetic' ? arithmeticChallengerMessages(this.worldSettings()) : challengerMessages(c.task, c.template));
       const gen = await generate(gpu, w, this.lora, {
-        prompt: cpPrompt, G: N, maxNewTokens: c.maxQueryTokens, temperature: c.temperature, topP: c.topP, seed: deriveSeed(c.seed, it, ROLE.challenger),
-        stopTokens: eos, onToken: (row, id) => (abortCheck(), s.push(row, id)),
+        prompt, G: N, maxNewTokens: c.maxQueryTokens, ...sampling, seed: deriveSeed(c.seed, it, ROLE.challenger),
+        stopTokens: eos, onToken: (row, id) => (abortCheck(), cs.push(row, id)),
       });
-      queries = gen.answers.map((a) => ({ text: this.decode(a.tokens).trim(), tokens: a.tokens, finishReason: a.finishReason }));
+      queries = gen.answers.map((a, i) => newRollout('challenger', i, prompt, a.tokens, this.decode(a.tokens).trim(), a.finishReason));
     }
 
-    // 2. Solver
     this.phase('solver');
     // The toy world plays on bare text prompts (no chat template): a tiny model has no chat skills, and short prompts keep it fast.
-    const solverPrompts = queries.map((q) => (arith ? tokenizer.encode(q.text) : this.chat(solverMessages(q.text))));
-    const ss = stream('solver', N * G, G);
-    const genS = await generate(gpu, w, this.lora, {
-      prompt: solverPrompts, G, maxNewTokens: arith ? 1 : c.maxAnswerTokens, temperature: c.temperature, topP: c.topP,
+    const prompts = queries.map((q) => (arith ? tokenizer.encode(q.text) : this.chat(solverMessages(q.text))));
+    const ss = this.stream(it, 'solver', N * G, G);
+    const gen = await generate(gpu, w, this.lora, {
+      prompt: prompts, G, maxNewTokens: arith ? 1 : c.maxAnswerTokens, ...sampling,
       seed: deriveSeed(c.seed, it, ROLE.solver), stopTokens: arith ? [] : eos, allowedTokens: arith ? this.numberTokens() : undefined,
       onToken: (row, id) => (abortCheck(), ss.push(row, id)),
     });
-    const answerTexts = genS.answers.map((a) => this.decode(a.tokens).trim());
-    const tGen = performance.now();
+    // generate's rows are query-major: row i*G + j is answer j to query i.
+    const answers = gen.answers.map((a, row) => newRollout('solver', Math.floor(row / G), prompts[Math.floor(row / G)]!, a.tokens, this.decode(a.tokens).trim(), a.finishReason));
+    return [...queries, ...answers];
+  }
 
-    // 3. Rewards
+  /**
+   * Reward: each enabled source scores every answer (verifiable, the user's reward, the
+   * reward model, the reference model as judge), then both roles' advantages are written
+   * into the rollouts.
+   */
+  private async reward(it: number, rollouts: Rollout[], signal: AbortSignal | undefined, abortCheck: () => void): Promise<IterationRewards> {
+    const { gpu, model } = this.models;
+    const c = this.config;
+    const G = c.groupSize;
+    const free = c.world === 'freeform-arithmetic';
     const sources: RewardSource[] = [];
-    const grid = <T>(f: (i: number, j: number) => T): T[][] => Array.from({ length: N }, (_, i) => Array.from({ length: G }, (_, j) => f(i, j)));
+    const queries = queryTexts(rollouts);
+    const answers = ofRole(rollouts, 'solver');
     let queryValid: (boolean | null)[] = queries.map(() => null);
-    if (arith || free || c.rewards.verifiable.enabled) {
-      const check = free ? (q: string, a: string) => arithmeticWorldReward(q, a, worldSettings) : verifiableReward;
-      const res = grid((i, j) => check(queries[i]!.text, answerTexts[i * G + j]!));
-      queryValid = res.map((row) => row[0]!.valid);
-      sources.push({ name: 'verifiable', kind: 'game', weight: c.rewards.verifiable.weight, rewards: res.map((row) => row.map((r) => r.reward)) });
+    if (c.world === 'arithmetic' || free || c.rewards.verifiable.enabled) {
+      const settings = this.worldSettings();
+      const v = verifiableRewards(rollouts, free ? (q, a) => arithmeticWorldReward(q, a, settings) : verifiableReward);
+      queryValid = v.queryValid;
+      sources.push({ name: 'verifiable', kind: 'game', weight: c.rewards.verifiable.weight, rewards: v.rewards });
     }
-    let customFallbacks = 0;
+    let customFallbacks: number | null = null;
     if (this.customReward) {
       const cr = this.customReward;
-      const scored = await cr.score(queries.map((q) => q.text), grid((i, j) => answerTexts[i * G + j]!), opts.signal);
+      const scored = await cr.score(queries, answerTable(rollouts, (r) => r.text), signal);
       customFallbacks = scored.fallbacks;
       sources.push({ name: cr.name, kind: 'game', weight: cr.weight, rewards: scored.rewards });
     }
     if (c.rewards.rewardModel.enabled) {
       this.phase('reward_model');
-      sources.push({ name: 'reward_model', kind: 'game', weight: c.rewards.rewardModel.weight, rewards: await this.rewardModelScores(queries, answerTexts) });
+      const scores = await this.rewardModelScore(answers.map((a): [string, string] => [queries[a.group]!, a.text]));
+      const score = new Map(answers.map((a, k) => [a, scores[k]!]));
+      sources.push({ name: 'reward_model', kind: 'game', weight: c.rewards.rewardModel.weight, rewards: answerTable(rollouts, (a) => score.get(a)!) });
     }
-    let judged: NonNullable<AnswerRecord['judge']>[] | null = null;
-    let fallbacks = 0;
+    let judgeFallbacks = 0;
     const judgeAsGame = c.mode === 'lsp-zero';
-    if (c.mode === 'lsp' || (judgeAsGame && sources.length === 0)) {
+    const judged = c.mode === 'lsp' || (judgeAsGame && sources.length === 0);
+    if (judged) {
       this.phase('judge');
-      const prompts = grid((i, j) => this.chat(judgeMessages(queries[i]!.text, answerTexts[i * G + j]!))).flat();
-      const js = stream('judge', N * G, G);
-      this.lora.enabled = false;
-      let gen: GenerateResult;
-      try {
-        gen = await generate(gpu, w, this.lora, {
-          prompt: prompts, G: 1, maxNewTokens: c.rewards.judge.maxTokens, temperature: c.rewards.judge.temperature,
-          seed: deriveSeed(c.seed, it, ROLE.judge), stopTokens: eos, onToken: (row, id) => (abortCheck(), js.push(row, id)),
-        });
-      } finally {
-        this.lora.enabled = true;
-      }
-      judged = gen.answers.map((a) => {
-        const text = this.decode(a.tokens);
-        const r = resolveJudgeScore(text, c.rewards.judge.fallback);
-        if (r.fallback) fallbacks++;
-        return { text, reason: r.reason, score: r.value };
+      const js = this.stream(it, 'judge', answers.length, G);
+      // The judge is the reference model: the base weights, adapter off.
+      const gen = await generate(gpu, model.weights, null, {
+        prompt: answers.map((a) => this.chat(judgeMessages(queries[a.group]!, a.text))), G: 1, maxNewTokens: c.rewards.judge.maxTokens, temperature: c.rewards.judge.temperature,
+        seed: deriveSeed(c.seed, it, ROLE.judge), stopTokens: this.models.tokenizer.eosTokenIds, onToken: (row, id) => (abortCheck(), js.push(row, id)),
       });
-      sources.push({ name: 'judge', kind: judgeAsGame ? 'game' : 'quality', weight: c.rewards.judge.weight, rewards: grid((i, j) => judged![i * G + j]!.score) });
+      answers.forEach((a, k) => {
+        const text = this.decode(gen.answers[k]!.tokens);
+        const r = resolveJudgeScore(text, c.rewards.judge.fallback);
+        if (r.fallback) judgeFallbacks++;
+        a.judge = { text, reason: r.reason, score: r.value };
+      });
+      sources.push({ name: 'judge', kind: judgeAsGame ? 'game' : 'quality', weight: c.rewards.judge.weight, rewards: answerTable(rollouts, (a) => a.judge!.score) });
     }
-    const adv = computeAdvantages(sources, { scale: c.advantageScale, challengerQualityWeight: c.challengerQualityWeight });
-    const tReward = performance.now();
+    const advantages = computeAdvantages(sources, { scale: c.advantageScale, challengerQualityWeight: c.challengerQualityWeight });
+    applyAdvantages(rollouts, sources, advantages);
+    return { sources, advantages, queryValid, judged, judgeFallbacks, customFallbacks };
+  }
 
-    // 4. Reference log-probs, 5. training
-    abortCheck();
-    this.phase('scoring');
-    gpu.pool.trim();
-    const answerSeqs: Completion[] = genS.answers.map((a, r) => ({ prompt: solverPrompts[Math.floor(r / G)]!, completion: a.tokens }));
-    const querySeqs: Completion[] = queries.map((q) => ({ prompt: cpPrompt, completion: q.tokens }));
-    const all = [...answerSeqs, ...querySeqs];
-    // With alpha_ch 0 the Challenger's loss weighs nothing, so its sequences are neither scored
-    // nor trained (the update is the same; their log-probs in the games read NaN, their KL 0).
-    const queryGroups = c.alphaCh > 0 ? chunks(querySeqs.length, c.microBatch) : [];
-    const groups = [...chunks(answerSeqs.length, c.microBatch), ...queryGroups.map((g) => g.map((k) => k + answerSeqs.length))];
-    const batches = groups.map((g) => scoredBatch(g.map((k) => all[k]!), w.config.vocabSize));
-    const refLogp: Float32Array[] = new Array(all.length);
-    this.lora.enabled = false;
-    try {
-      for (const [gi, g] of groups.entries()) {
-        const { batch, rows, flat } = batches[gi]!;
-        if (flat.length === 0) {
-          g.forEach((k) => (refLogp[k] = new Float32Array(0)));
-          continue;
-        }
-        const pass = sequenceLogprobs(gpu, w, this.lora, batch, { temperature: temperatureOf(c), rows: flat });
-        const lp = await gpu.readF32(pass.logp);
-        pass.release();
-        g.forEach((k, n) => (refLogp[k] = Float32Array.from(rows[n]!, (at) => lp[at]!)));
-      }
-    } finally {
-      this.lora.enabled = true;
-    }
-
-    this.phase('training');
-    const answerLens = answerSeqs.map((s) => s.completion.length);
-    const queryLens = querySeqs.map((s) => s.completion.length);
-    const coefSol = aggregationCoefficients(answerLens, { aggregation: c.aggregation, maxLength: arith ? 1 : c.maxAnswerTokens });
-    const coefCh = aggregationCoefficients(queryLens, { aggregation: c.aggregation, maxLength: arith ? 2 : c.maxQueryTokens });
-    const advantageOf = (k: number) => (k < answerSeqs.length ? adv.solverAdvantage[Math.floor(k / G)]![k % G]! : adv.challengerAdvantage[k - answerSeqs.length]!);
-    const polLogp: Float32Array[] = new Array(all.length);
-    let entropySum = 0;
-    let entropyCount = 0;
-    const parts = { solverPg: 0, solverKl: 0, chPg: 0, chKl: 0 };
-    let nonFinite: string | null = null;
+  /**
+   * Update: the policy pass over the same micro-batches as the reference pass; after each
+   * one's log-probs are read, the host forms dL/dlogp (with the iteration's aggregation
+   * coefficients) and the backward adds the LoRA grads. Then one AdamW step with clipping.
+   * A non-finite loss skips the remaining backward passes and the step; a non-finite
+   * gradient is caught by the GPU's skip flag; either way the adapter and optimizer state
+   * stay as they were.
+   */
+  private async update(it: number, rollouts: Rollout[], batches: ScoringBatch[], signal: AbortSignal | undefined): Promise<UpdateReport> {
+    const { gpu, model } = this.models;
+    const c = this.config;
+    const arith = c.world === 'arithmetic';
+    const coef = lossCoefficients(rollouts, c.aggregation, { solver: arith ? 1 : c.maxAnswerTokens, challenger: arith ? 2 : c.maxQueryTokens });
+    const parts = zeroLossParts();
+    let skipped: string | null = null;
+    // An abandoned iteration leaves no gradient behind.
+    const stopIfAborted = () => {
+      if (signal?.aborted) this.lora.zeroGrad();
+      signal?.throwIfAborted();
+    };
     this.lora.zeroGrad();
-    for (const [gi, g] of groups.entries()) {
-      if (opts.signal?.aborted) this.lora.zeroGrad();
-      abortCheck();
-      const { batch, rows, flat } = batches[gi]!;
-      if (flat.length === 0) {
-        g.forEach((k) => (polLogp[k] = new Float32Array(0)));
-        continue;
+    await scoreRollouts(gpu, model.weights, this.lora, batches, { temperature: temperatureOf(c), train: true, beforeBatch: stopIfAborted }, (b, pass) => {
+      const dl = batchGradient(b, coef, c, parts);
+      if (!finiteLoss(dl, parts)) {
+        skipped = 'the loss is not finite (NaN or Inf log-probs)';
+        return false;
       }
-      const pass = sequenceLogprobs(gpu, w, this.lora, batch, { temperature: temperatureOf(c), entropy: true, train: true, rows: flat });
-      let dlogp: Tensor | null = null;
+      const dlogp = gpu.upload(dl, [dl.length], 'f32', 'selfplay.dlogp');
       try {
-        const [lp, ent] = await readPair(gpu, pass.logp, pass.entropy!);
-        const dl = new Float32Array(flat.length);
-        g.forEach((k, n) => {
-          const r = rows[n]!;
-          const logp = Float32Array.from(r, (row) => lp[row]!);
-          polLogp[k] = logp;
-          const isAnswer = k < answerSeqs.length;
-          if (isAnswer) for (const row of r) {
-            entropySum += ent[row]!;
-            entropyCount++;
-          }
-          const terms = sequenceTerms(
-            { logp, logpRef: refLogp[k]!, advantage: advantageOf(k) },
-            isAnswer ? coefSol[k]! : coefCh[k - answerSeqs.length]!,
-            c.beta, c.klEstimator, isAnswer ? 1 : c.alphaCh, c.klPlacement,
-          );
-          if (isAnswer) {
-            parts.solverPg += terms.pgLoss;
-            parts.solverKl += terms.kl;
-          } else {
-            parts.chPg += terms.pgLoss;
-            parts.chKl += terms.kl;
-          }
-          r.forEach((row, t) => (dl[row] = terms.weights[t]!));
-        });
-        if (!dl.every(Number.isFinite) || !Number.isFinite(parts.solverPg + parts.solverKl + parts.chPg + parts.chKl)) {
-          nonFinite = 'the loss is not finite (NaN or Inf log-probs)';
-          break;
-        }
-        dlogp = gpu.upload(dl, [dl.length], 'f32', 'selfplay.dlogp');
         pass.backward(dlogp);
       } finally {
-        dlogp?.release();
-        pass.release();
+        dlogp.release();
       }
-    }
+    });
     let gradNorm = NaN;
     let clipCoef = NaN;
-    if (opts.signal?.aborted) this.lora.zeroGrad();
-    abortCheck();
-    if (!nonFinite) {
-      const report = await this.lora.step({ lr: scheduledLr(c, it), weightDecay: c.weightDecay, maxGradNorm: c.maxGradNorm }).read();
+    stopIfAborted();
+    const learningRate = scheduledLr(c, it);
+    if (!skipped) {
+      const report = await this.lora.step({ lr: learningRate, weightDecay: c.weightDecay, maxGradNorm: c.maxGradNorm }).read();
       gradNorm = report.gradNorm;
       clipCoef = report.clipCoef;
       if (report.skipped) {
         this.lora.stepCount--; // the GPU left A, B and the moments untouched; so does the bias-correction count
-        nonFinite = 'a gradient is not finite (NaN or Inf)';
+        skipped = 'a gradient is not finite (NaN or Inf)';
       }
     }
     this.lora.zeroGrad();
-    const tTrain = performance.now();
+    return { parts, gradNorm, clipCoef, learningRate, skipped };
+  }
 
-    // Records and metrics
-    const solverLoss = parts.solverPg + c.beta * parts.solverKl;
-    const chLoss = parts.chPg + c.beta * parts.chKl;
-    const seqKl = (k: number) => (polLogp[k] ? klSequence(c.klEstimator, polLogp[k], refLogp[k]!).mean : 0);
-    const sum = (a: Float32Array | undefined) => (a ? a.reduce((x, y) => x + y, 0) : NaN);
-    const games: GameRecord[] = queries.map((q, i) => ({
-      iteration: it,
-      index: i,
-      query: q.text,
-      queryTokens: q.tokens.length,
-      queryFinishReason: q.finishReason,
-      queryValid: queryValid[i]!,
-      queryLogp: sum(polLogp[answerSeqs.length + i]),
-      queryLogpRef: sum(refLogp[answerSeqs.length + i]),
-      queryKl: seqKl(answerSeqs.length + i),
-      value: adv.value[i]!,
-      qualityValue: adv.qualityValue[i]!,
-      challengerReward: adv.challengerReward[i]!,
-      challengerAdvantage: adv.challengerAdvantage[i]!,
-      answers: Array.from({ length: G }, (_, j): AnswerRecord => {
-        const r = i * G + j;
-        const a = genS.answers[r]!;
-        const rec: AnswerRecord = {
-          text: answerTexts[r]!,
-          tokens: a.tokens.length,
-          finishReason: a.finishReason,
-          rewards: Object.fromEntries(sources.map((s) => [s.name, s.rewards[i]![j]!])),
-          reward: adv.solverReward[i]![j]!,
-          advantage: adv.solverAdvantage[i]![j]!,
-          logp: sum(polLogp[r]),
-          logpRef: sum(refLogp[r]),
-          kl: seqKl(r),
-        };
-        if (judged) rec.judge = judged[r]!;
-        return rec;
-      }),
-    }));
-    const lens = answerLens;
-    const totalTokens = lens.reduce((a, b) => a + b, 0) + queryLens.reduce((a, b) => a + b, 0) + (judged ? judged.length : 0);
-    const values: Record<string, number> = {
-      reward: adv.rewardMean,
-      reward_std: adv.rewardStd,
-      'challenger/reward': mean(adv.challengerReward),
-      'challenger/reward_std': stdUnbiased(adv.challengerReward),
-      kl: parts.solverKl,
-      'challenger/kl': parts.chKl,
-      entropy: entropyCount ? entropySum / entropyCount : 0,
-      loss: solverLoss + c.alphaCh * chLoss,
-      'loss/solver': solverLoss,
-      'loss/challenger': chLoss,
-      'loss/solver_pg': parts.solverPg,
-      'loss/solver_kl': c.beta * parts.solverKl,
-      'completions/mean_length': mean(lens),
-      'completions/max_length': Math.max(...lens),
-      'completions/min_length': Math.min(...lens),
-      'completions/clipped_ratio': arith ? 0 : genS.answers.filter((a) => a.finishReason === 'length').length / genS.answers.length,
-      'queries/mean_length': mean(queryLens),
-      frac_reward_zero_std: adv.fracRewardZeroStd,
-      grad_norm: gradNorm,
-      clip_coef: clipCoef,
-      learning_rate: scheduledLr(c, it),
-      step_skipped: nonFinite ? 1 : 0,
-      'judge/fallback_count': fallbacks,
-      ...(this.customReward ? { 'reward/custom_fallback_count': customFallbacks } : {}),
-      'time/generate': (tGen - t0) / 1000,
-      'time/reward': (tReward - tGen) / 1000,
-      'time/train': (tTrain - tReward) / 1000,
-      step_time: (tTrain - t0) / 1000,
-      tokens_per_second: totalTokens / ((tTrain - t0) / 1000),
-      'gpu/peak_mib': gpu.stats().peakAllocatedBytes / 2 ** 20,
-    };
-    if (queryValid.some((v) => v !== null)) values['challenger/invalid_ratio'] = queryValid.filter((v) => v === false).length / N;
-    if (this.exam && c.examEvery > 0 && (it + 1) % c.examEvery === 0) values['eval/exam_accuracy'] = (await this.runExam()).accuracy;
-    for (const s of adv.perSource) {
-      values[`rewards/${s.name}/mean`] = s.mean;
-      values[`rewards/${s.name}/std`] = s.std;
-    }
+  /** Record: the games and metrics of the iteration (and the exam when due), kept, streamed and checkpointed. */
+  private async record(it: number, rollouts: Rollout[], rewards: IterationRewards, update: UpdateReport, times: IterationFacts['times']): Promise<IterationMetrics> {
+    const c = this.config;
+    const games = recordGames(rollouts, rewards, it, c.klEstimator);
+    const gpuPeakMib = this.models.gpu.stats().peakAllocatedBytes / 2 ** 20;
+    const examAccuracy = this.exam && c.examEvery > 0 && (it + 1) % c.examEvery === 0 ? (await this.runExam()).accuracy : undefined;
+    const values = iterationValues({ rollouts, rewards, update, config: c, times, gpuPeakMib, examAccuracy });
     const metrics: IterationMetrics = { iteration: it, time: Date.now(), values };
     this.games.push(...games);
     this.history.push(metrics);
     this.iteration = it + 1;
     for (const g of games) this.emit({ type: 'game', game: g });
-    if (nonFinite) {
+    const skipped = update.skipped;
+    if (skipped) {
       this.consecutiveSkips++;
-      this.emit({ type: 'skipped', iteration: it, reason: `${nonFinite}; the update was skipped and the adapter kept as it was` });
+      this.emit({ type: 'skipped', iteration: it, reason: `${skipped}; the update was skipped and the adapter kept as it was` });
     } else {
       this.consecutiveSkips = 0;
     }
@@ -584,11 +497,22 @@ export class SelfPlayTrainer {
     if (this.store && c.checkpointEvery > 0 && this.iteration % c.checkpointEvery === 0) await this.checkpoint();
     if (this.consecutiveSkips >= MAX_CONSECUTIVE_SKIPS) {
       throw new TrainerError(
-        `${this.consecutiveSkips} updates in a row were skipped (${nonFinite}). The adapter has not changed since; ` +
+        `${this.consecutiveSkips} updates in a row were skipped (${skipped}). The adapter has not changed since; ` +
           'lower the learning rate or beta, or import an earlier adapter, then continue.',
       );
     }
     return metrics;
+  }
+
+  /** Streams one generation's text as token events; row r is (query floor(r / perQuery), answer r % perQuery). */
+  private stream(it: number, role: 'challenger' | 'solver' | 'judge', rows: number, perQuery: number): TextStreams {
+    return new TextStreams(rows, (ids) => this.decode(ids), (row, delta) =>
+      this.emit({ type: 'token', iteration: it, role, query: Math.floor(row / perQuery), answer: row % perQuery, delta }),
+    );
+  }
+
+  private worldSettings(): ArithmeticWorldSettings {
+    return { maxOperand: this.config.arithmeticMaxOperand, operators: this.config.arithmeticOperators };
   }
 
   /** Greedy answers to the run's exam by the policy (adapter on, default) or the base model, graded by code. */
@@ -602,12 +526,6 @@ export class SelfPlayTrainer {
     } finally {
       this.lora.enabled = before;
     }
-  }
-
-  private async rewardModelScores(queries: Query[], answers: string[]): Promise<number[][]> {
-    const G = this.config.groupSize;
-    const out = await this.rewardModelScore(answers.map((a, r) => [queries[Math.floor(r / G)]!.text, a]));
-    return Array.from({ length: queries.length }, (_, i) => out.slice(i * G, i * G + G));
   }
 
   /** The reward model's score of each (query, answer) conversation, in micro-batches. */
@@ -691,10 +609,6 @@ export class SelfPlayTrainer {
   }
 
   /**
-   * Base model vs base + adapter on held-out instructions, judged pairwise by the
-   * reference model in both orders (position swap); ties and disagreements count half.
-   */
-  /**
    * Base vs adapter on held-out instructions. The judge is the frozen reference model
    * (pairwise, both orders; default) or the loaded reward model (the higher score wins,
    * equal scores tie), so the evaluation need not be the model grading itself. A run
@@ -710,20 +624,17 @@ export class SelfPlayTrainer {
     const eos = this.models.tokenizer.eosTokenIds;
     this.emit({ type: 'phase', iteration: this.iteration, phase: 'evaluation' });
     const prompts = instructions.map((q) => this.chat(solverMessages(q)));
-    const answer = async (enabled: boolean, role: number) => {
-      this.lora.enabled = enabled;
-      try {
-        const gen = await generate(gpu, w, this.lora, { prompt: prompts, G: 1, maxNewTokens: maxTokens, temperature: 0, seed: deriveSeed(c.seed, this.iteration, role), stopTokens: eos });
-        return gen.answers.map((a) => this.decode(a.tokens).trim());
-      } finally {
-        this.lora.enabled = true;
-      }
+    // The base model is the weights with no adapter (null); the adapter's answers are the policy's.
+    this.lora.enabled = true;
+    const answer = async (adapter: LoraAdapter | null, role: number) => {
+      const gen = await generate(gpu, w, adapter, { prompt: prompts, G: 1, maxNewTokens: maxTokens, temperature: 0, seed: deriveSeed(c.seed, this.iteration, role), stopTokens: eos });
+      return gen.answers.map((a) => this.decode(a.tokens).trim());
     };
     const judge = opts.judge ?? 'reference';
     if (judge !== 'reference' && judge !== 'reward-model') throw new TrainerError(`evaluation judge must be "reference" or "reward-model", got ${String(judge)}`);
     if (judge === 'reward-model' && !this.models.rewardModel) throw new TrainerError('evaluation by the reward model needs one: load a reward model (a LlamaForSequenceClassification checkpoint) first, or judge with the reference model');
-    const base = await answer(false, ROLE.evalBase);
-    const tuned = await answer(true, ROLE.evalAdapter);
+    const base = await answer(null, ROLE.evalBase);
+    const tuned = await answer(this.lora, ROLE.evalAdapter);
     const exam = this.exam && (opts.exam ?? true) ? { base: (await this.runExam({ adapter: false })).accuracy, adapter: (await this.runExam({ adapter: true })).accuracy, problems: this.exam.length } : undefined;
     if (judge === 'reward-model') {
       const scores = await this.rewardModelScore(instructions.flatMap((q, k): [string, string][] => [[q, tuned[k]!], [q, base[k]!]]));
@@ -738,14 +649,9 @@ export class SelfPlayTrainer {
       return result;
     }
     const judgePrompts = instructions.flatMap((q, k) => [this.chat(pairwiseMessages(q, tuned[k]!, base[k]!)), this.chat(pairwiseMessages(q, base[k]!, tuned[k]!))]);
-    this.lora.enabled = false;
-    let verdicts: string[];
-    try {
-      const gen = await generate(gpu, w, this.lora, { prompt: judgePrompts, G: 1, maxNewTokens: opts.judgeMaxTokens ?? c.rewards.judge.maxTokens, temperature: 0, seed: deriveSeed(c.seed, this.iteration, ROLE.evalJudge), stopTokens: eos });
-      verdicts = gen.answers.map((a) => this.decode(a.tokens));
-    } finally {
-      this.lora.enabled = true;
-    }
+    // The judge is the reference model: no adapter.
+    const gen = await generate(gpu, w, null, { prompt: judgePrompts, G: 1, maxNewTokens: opts.judgeMaxTokens ?? c.rewards.judge.maxTokens, temperature: 0, seed: deriveSeed(c.seed, this.iteration, ROLE.evalJudge), stopTokens: eos });
+    const verdicts = gen.answers.map((a) => this.decode(a.tokens));
     let unparsed = 0;
     const items = instructions.map((q, k) => {
       const v1 = parsePairVerdict(verdicts[2 * k]!);
@@ -774,27 +680,9 @@ function tally(iteration: number, judge: EvaluationJudge, items: EvaluationItem[
   return { iteration, judge, winRate: (wins + 0.5 * ties) / items.length, wins, ties, losses, unparsed, items, ...(exam ? { exam } : {}) };
 }
 
-/** A completion batch whose scored rows are listed once (`flat`), with each sequence's positions in that list. */
-function scoredBatch(seqs: Completion[], V: number): { batch: TokenBatch; rows: number[][]; flat: number[] } {
-  const { batch, rows } = completionBatch(seqs, V);
-  const flat: number[] = [];
-  const at = rows.map((r) => r.map((row) => flat.push(row) - 1));
-  return { batch, rows: at, flat };
-}
-
 function temperatureOf(c: TrainerConfig): number {
   // Log-probs are taken at the sampling temperature (TRL's convention); greedy sampling scores plain logits.
   return c.temperature > 0 ? c.temperature : 1;
-}
-
-async function readPair(gpu: Gpu, a: Tensor, b: Tensor): Promise<[Float32Array, Float32Array]> {
-  const n = a.size;
-  const both = gpu.empty([2 * n], 'f32', 'selfplay.readback');
-  gpu.copy(a, both, n * 4, 0, 0);
-  gpu.copy(b, both, n * 4, 0, n * 4);
-  const v = await gpu.readF32(both);
-  both.release();
-  return [v.subarray(0, n), v.subarray(n, 2 * n)];
 }
 
 function checkModels(models: TrainerModels, config: TrainerConfig): void {

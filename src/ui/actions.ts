@@ -20,6 +20,7 @@ export interface DownloadLink {
 
 export class LabActions {
   private exportUrls: string[] = [];
+  private planSeq = 0;
 
   constructor(readonly client: LabClient) {}
 
@@ -42,12 +43,14 @@ export class LabActions {
 
   async planModel(model: ModelChoice, token: string | undefined): Promise<void> {
     const { draft, format } = useLab.getState();
+    // Only the latest pick's summary is shown: an earlier one may answer after it.
+    const seq = ++this.planSeq;
     useLab.setState({ summary: null, summaryError: null });
     try {
       const summary = await this.client.call('planModel', { model, token, settings: planSettingsFor(draft, format) });
-      useLab.setState({ summary });
+      if (seq === this.planSeq) useLab.setState({ summary });
     } catch (e) {
-      useLab.setState({ summaryError: (e as Error).message });
+      if (seq === this.planSeq) useLab.setState({ summaryError: (e as Error).message });
     }
   }
 

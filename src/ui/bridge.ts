@@ -26,7 +26,8 @@ export function applyEvent(e: LabEvent, buffer: LiveBuffer = live): void {
       set({ rewardModel: e.info });
       break;
     case 'model-unloaded':
-      set({ model: null, runState: 'idle', loading: false });
+      // Not `loading`: a load that unloads the previous model is still under way (each load resets it when it ends).
+      set({ model: null, runState: 'idle' });
       break;
     case 'run-state':
       set({ runState: e.state, iteration: e.iteration });

@@ -90,7 +90,7 @@ export function planSettingsFor(config: TrainerConfig, format: WeightFormat): Pl
 /**
  * The quick demo: the committed micro model (models/micro-arith, served by the dev
  * server; a 0.3 MB f32 Llama that adds numbers up to 99, about half right) in the
- * free-form arithmetic world with the verifiable reward, its held-out exam every 5
+ * free-form arithmetic world with the verifiable reward, its held-out exam every 6
  * iterations (eval/exam_accuracy). Fits any GPU; offered first when the GPU is small.
  */
 export const QUICK_DEMO = {

@@ -178,7 +178,8 @@ export class Lab {
     planModel: async ({ model, token, settings }) => {
       const gpu = await this.requireGpu();
       const source = sourceFor(model, token);
-      const { config } = await readModelConfigs(source);
+      // A cached model is planned from its cached config: nothing read from the network.
+      const { config } = await this.readConfigs(source, settings.format, true);
       const plan = planFor(config, settings, gpu.caps);
       return {
         label: modelLabel(model),
@@ -417,12 +418,15 @@ export class Lab {
 
   private async load(source: ModelSource, ref: ModelRef, format: WeightFormat, useCache: boolean): Promise<Loaded> {
     await this.requireGpu();
+    const previous = this.loaded?.info.label ?? null;
     await this.serial(async () => {
       this.trainer?.release();
       this.trainer = null;
       this.loaded?.model.weights.release();
       this.loaded = null;
     });
+    // The page stops showing the old model and run: if this load fails or is cancelled, neither is there any more (the checkpoint in storage is).
+    if (previous) this.emit({ type: 'model-unloaded', reason: `${previous} was unloaded to load ${modelLabel(ref)}.` });
     this.setState('idle');
     this.loaded = await this.loadWeights(source, ref, format, useCache, 'policy');
     this.emit({ type: 'model-loaded', info: this.loaded.info });

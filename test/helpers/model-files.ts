@@ -7,6 +7,7 @@ import { MemorySource, f32ToBf16, writeSafetensors, type SafetensorsDType, type 
 import type { Gpu } from '../../src/gpu/gpu';
 import type { FrozenLinear } from '../../src/kernels/linear';
 import type { ModelFile, ModelSource } from '../../src/model/source';
+import type { LlamaWeights } from '../../src/model/weights';
 import { f32ToF16 } from '../../src/gpu/gpu';
 import { Rng } from './numeric';
 
@@ -231,4 +232,19 @@ export function expectSameBytes(actual: ArrayBufferView, expected: ArrayBufferVi
   const el = Math.floor(i / size);
   const show = (v: ArrayBufferView): unknown => (v as unknown as ArrayLike<number>)[el];
   throw new Error(`${label}: first difference at element ${el}: got ${String(show(actual))}, expected ${String(show(expected))}`);
+}
+
+/**
+ * The model restricted to its first V vocabulary rows (its LM head and ids); shares the
+ * layers and owns nothing, so its release is a no-op. Keeps logits readbacks small.
+ */
+export function smallVocab(w: LlamaWeights, V: number): LlamaWeights {
+  const head = w.lmHead;
+  const lmHead: FrozenLinear = {
+    V,
+    C: head.C,
+    logits: (gpu, out, h, N, rowStart, rows) => head.logits(gpu, out, h, N, rowStart, rows),
+    backward: (gpu, dh, dl, N, rowStart, rows, acc) => head.backward(gpu, dh, dl, N, rowStart, rows, acc),
+  };
+  return { ...w, config: { ...w.config, vocabSize: V }, lmHead, release: () => undefined };
 }

@@ -6,6 +6,12 @@ import type { DirectoryHandleLike, FileHandleLike, WritableLike } from '../../sr
 
 const notFound = (name: string): DOMException => new DOMException(`${name} not found`, 'NotFoundError');
 
+/** Chrome's OPFS refuses these entry names with a TypeError ("Name is not allowed."). */
+function nameError(name: string): TypeError | null {
+  const bad = name === '' || name === '.' || name === '..' || name.includes('/') || name.includes('\\');
+  return bad ? new TypeError(`Failed to execute on 'FileSystemDirectoryHandle': Name is not allowed. (${JSON.stringify(name)})`) : null;
+}
+
 export class FakeQuota {
   used = 0;
   /** files completed so far, ever */
@@ -19,6 +25,8 @@ export class FakeDirectory implements DirectoryHandleLike {
   constructor(readonly quota: FakeQuota = new FakeQuota()) {}
 
   getDirectoryHandle(name: string, options: { create?: boolean } = {}): Promise<DirectoryHandleLike> {
+    const bad = nameError(name);
+    if (bad) return Promise.reject(bad);
     let d = this.dirs.get(name);
     if (!d) {
       if (!options.create) return Promise.reject(notFound(name));
@@ -29,6 +37,8 @@ export class FakeDirectory implements DirectoryHandleLike {
   }
 
   getFileHandle(name: string, options: { create?: boolean } = {}): Promise<FileHandleLike> {
+    const bad = nameError(name);
+    if (bad) return Promise.reject(bad);
     if (!this.files.has(name)) {
       if (!options.create) return Promise.reject(notFound(name));
       this.files.set(name, new Uint8Array(0));

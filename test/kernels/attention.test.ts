@@ -283,7 +283,9 @@ describe('attention decode and KV cache', () => {
     const tpv = g.upload(pv, [Math.max(1, c.P), c.HK, c.D]);
     const out = g.empty([c.B, c.H, c.D]);
     const prefix = c.P > 0 ? { k: tpk, v: tpv, P: c.P } : null;
+    const before = g.dispatches;
     attentionDecode(g, out, tq, tkc, tvc, tl, prefix, c.B, c.Smax, c.H, c.HK, c.D, { tiles });
+    expect(g.dispatches - before).toBe(2); // prefix and cache chunks in one dispatch, then the combine
     const ref = attentionDecodeRef(q, kc, vc, lengths, prefix ? { k: pk, v: pv, P: c.P } : null, c.B, c.Smax, c.H, c.HK, c.D);
     expectClose(await g.readF32(out), ref, { atol: 2e-5, rtol: 1e-4, label: 'decode out' });
     // A maxLength hint bounding every row gives the same result with fewer splits.

@@ -23,6 +23,8 @@ interface Case {
   /** all projections as row ranges of one packed weight */
   packed?: boolean;
   tuning?: Q4GemvTuning;
+  /** rank of LoRA A products computed by extra workgroups of the dispatch (rows mode) */
+  down?: number;
 }
 
 const cases: Case[] = [
@@ -34,6 +36,11 @@ const cases: Case[] = [
   { mode: 'rows', N: 20, K: 40, Ms: [19], zeros: true, R: 0, accumulate: true },
   { mode: 'rows', N: 2, K: 96, Ms: [24, 8, 8], zeros: true, R: 4, packed: true },
   { mode: 'rows', N: 9, K: 100, Ms: [13, 6, 6], zeros: false, R: 0, packed: true },
+  // The A products beside a residual GEMV (o, down in a decode step), with or without the previous B product.
+  { mode: 'rows', N: 11, K: 72, Ms: [37], zeros: true, R: 3, accumulate: true, down: 3 },
+  { mode: 'rows', N: 1, K: 96, Ms: [24], zeros: false, R: 0, accumulate: true, down: 5, tuning: { lanes: 8, groups: 3, rowsPerThread: 2 } },
+  { mode: 'rows', N: 32, K: 64, Ms: [40], zeros: true, R: 4, accumulate: true, down: 4 },
+  { mode: 'rows', N: 6, K: 100, Ms: [13, 5, 7], zeros: false, R: 2, packed: true, down: 2 },
   { mode: 'swiglu', N: 4, K: 72, Ms: [22, 22], zeros: true, R: 3, packed: true },
   { mode: 'swiglu', N: 1, K: 64, Ms: [30, 30], zeros: true, R: 0 },
   { mode: 'swiglu', N: 3, K: 100, Ms: [21, 21], zeros: false, R: 4 },
@@ -41,7 +48,7 @@ const cases: Case[] = [
 ];
 
 const name = (c: Case) =>
-  `${c.mode} N=${c.N} K=${c.K} M=[${c.Ms}]${c.zeros ? ' zeros' : ''}${c.R ? ` lora r=${c.R}` : ''}${c.accumulate ? ' +=' : ''}${c.packed ? ' packed' : ''}${c.tuning ? ` ${JSON.stringify(c.tuning)}` : ''}`;
+  `${c.mode} N=${c.N} K=${c.K} M=[${c.Ms}]${c.zeros ? ' zeros' : ''}${c.R ? ` lora r=${c.R}` : ''}${c.accumulate ? ' +=' : ''}${c.packed ? ' packed' : ''}${c.down ? ` A products r=${c.down}` : ''}${c.tuning ? ` ${JSON.stringify(c.tuning)}` : ''}`;
 
 const silu = (g: number) => g / (1 + Math.exp(-g));
 
@@ -50,7 +57,7 @@ describe('fused 4-bit GEMV (q/k/v in one dispatch; gate, up and SwiGLU in one; L
 
   it.for(cases.map((c) => [name(c), c] as const))('matches the f64 reference (%s)', { timeout: 240_000 /* lavapipe compiles each variant with LLVM on first use */ }, async ([, c], ctx) => {
     const g = gpu();
-    const need = q4FusedBindings(c.Ms.length, c.zeros, c.R > 0, c.packed ? 1 : c.Ms.length);
+    const need = q4FusedBindings(c.Ms.length, c.zeros, c.R > 0, c.packed ? 1 : c.Ms.length, c.down !== undefined);
     const limit = Math.min(g.caps.maxStorageBuffersPerShaderStage, Q4_FUSED_MAX_BINDINGS);
     if (need > limit) {
       const why = `adapter allows ${g.caps.maxStorageBuffersPerShaderStage} storage bindings per stage (the kernel ${Q4_FUSED_MAX_BINDINGS}), this group needs ${need}`;
@@ -109,10 +116,20 @@ describe('fused 4-bit GEMV (q/k/v in one dispatch; gate, up and SwiGLU in one; L
       yOffset: swiglu ? yOffset0 : offsets[p]!,
       B: tB[p] ?? null,
     }));
-    expect(q4FusedUnsupported(g, segs, c.N)).toBeNull();
+    const RA = c.down ?? 0;
+    const A = RA ? rng.f32(RA * c.K) : null;
+    const scaleA = -1.75;
+    const down = A ? { A: g.upload(A, [RA, c.K]), scale: scaleA, u: g.upload(rng.f32(c.N * RA), [c.N, RA]) } : null;
+    expect(q4FusedUnsupported(g, segs, c.N, down !== null)).toBeNull();
     const before = g.dispatches;
-    q4FusedGemv(g, ty, tx, c.N, segs, { mode: c.mode, yStride, accumulate: c.accumulate, u: tu, R: c.R, tuning: c.tuning });
+    q4FusedGemv(g, ty, tx, c.N, segs, { mode: c.mode, yStride, accumulate: c.accumulate, u: tu, R: c.R, tuning: c.tuning, down });
     expect(g.dispatches - before).toBe(1);
+    if (down) {
+      const expectedU = matmulRef(x, A!, c.N, RA, c.K, { transB: true }).map((v) => scaleA * v);
+      expectClose(await g.readF32(down.u), expectedU, { atol: 1e-5 * Math.sqrt(c.K), rtol: 1e-4, label: 'A products' });
+      down.A.release();
+      down.u.release();
+    }
 
     // float64 reference: base products, the LoRA term sum_r u[p, n, r] B_p[j, r], the epilogue
     const proj = weights.map((w, p) => {
@@ -194,6 +211,38 @@ describe('fused 4-bit GEMV (q/k/v in one dispatch; gate, up and SwiGLU in one; L
     As.forEach((A, p) => matmulRef(h, A, N, R, K, { transB: true }).forEach((v, i) => (expected[p * N * R + i] = scales[p]! * v)));
     expectClose(await g.readF32(u), expected, { atol: 1e-5 * Math.sqrt(K), rtol: 1e-4, label: 'u' });
     for (const t of [tx, tw, th, u, ...tA]) t.release();
+  });
+
+  it('RMSNorm of x + u_p B_p^T (a deferred LoRA B product, x not written) fused with the A products', async () => {
+    const g = gpu();
+    const rng = new Rng(93);
+    const [N, K, R, eps] = [13, 72, 4, 1e-5];
+    const x = rng.f32(N * K, 2);
+    const nw = rng.f32(K);
+    const As = [0, 1, 2].map(() => rng.f32(R * K));
+    const pu = rng.f32(N * R);
+    const pb = rng.f32(K * R, 0.5);
+    const scales = [0.5, -1, 2];
+    const tx = g.upload(x, [N, K]);
+    const tw = g.upload(nw, [K]);
+    const tA = As.map((a) => g.upload(a, [R, K]));
+    const pending = { u: g.upload(pu, [N, R]), B: g.upload(pb, [K, R]) };
+    const th = g.empty([N, K]);
+    const before = g.dispatches;
+    const u = loraNormDownProducts(g, th, tx, tw, eps, N, K, tA.map((A, p) => ({ A, scale: scales[p]! })), pending);
+    expect(g.dispatches - before).toBe(1);
+    const xp = Float64Array.from(x);
+    const ub = matmulRef(pu, pb, N, K, R, { transB: true });
+    for (let i = 0; i < N * K; i++) xp[i] += ub[i]!;
+    const { out: h } = rmsnormRef(xp, nw, N, K, eps);
+    expectClose(await g.readF32(th), h, { atol: 1e-5, rtol: 1e-5, label: 'h' });
+    expectClose(await g.readF32(tx), x, { atol: 0, rtol: 0, label: 'x unchanged' });
+    const expected = new Float64Array(3 * N * R);
+    As.forEach((A, p) => matmulRef(h, A, N, R, K, { transB: true }).forEach((v, i) => (expected[p * N * R + i] = scales[p]! * v)));
+    expectClose(await g.readF32(u), expected, { atol: 1e-5 * Math.sqrt(K), rtol: 1e-4, label: 'u' });
+    const wrongRank = g.zeros([K, R + 1]);
+    expect(() => loraNormDownProducts(g, th, tx, tw, eps, N, K, [{ A: tA[0]!, scale: 1 }], { u: pending.u, B: wrongRank })).toThrow(/one rank/);
+    for (const t of [tx, tw, th, u, pending.u, pending.B, wrongRank, ...tA]) t.release();
   });
 
   it('names why a group cannot be fused (sharded weight, mixed adaptation, too many bindings, rows)', () => {

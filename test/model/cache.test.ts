@@ -6,7 +6,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { downloadQ4 } from '../../src/kernels/q4-layout';
-import { MemoryModelCache, ModelCacheError, OpfsModelCache, modelCacheKey, type CacheManifest, type ModelCache } from '../../src/model/cache';
+import { MemoryModelCache, ModelCacheError, OpfsModelCache, modelCacheKey, opfsFileName, type CacheManifest, type ModelCache } from '../../src/model/cache';
 import { FormatError } from '../../src/formats/errors';
 import { MemorySource } from '../../src/formats/safetensors';
 import { loadLlama, type LoadedModel } from '../../src/model/load';
@@ -181,6 +181,13 @@ describe('OpfsModelCache (on an in-memory file system)', () => {
     second.weights.release();
   });
 
+  it('stores each file under one OPFS entry name: "/" escaped (and "%", so names stay distinct)', () => {
+    expect(opfsFileName('onnx/model_q4f16.onnx_data')).toBe('onnx%2Fmodel_q4f16.onnx_data');
+    expect(opfsFileName('model.layers.0.mlp.up_proj.weight.qweight')).toBe('model.layers.0.mlp.up_proj.weight.qweight');
+    expect(opfsFileName('a%2Fb')).not.toBe(opfsFileName('a/b'));
+    for (const n of ['onnx/model.onnx', 'a%2Fb', 'a/b/c']) expect(opfsFileName(n)).not.toMatch(/[/\\]/);
+  });
+
   it('QuotaExceededError part-way: a clear error and no entry left', async () => {
     const m = syntheticModel({ seed: 43 });
     const quota = new FakeQuota(15_000);
@@ -242,8 +249,10 @@ describe('an ONNX export (onnx-community layout) in the cache', () => {
     expect(manifest!.format).toBe('onnx');
     expect(manifest!.onnxFile).toBe('onnx/model_q4.onnx');
     const dir = root.dirs.get(manifest!.key)!;
+    // OPFS refuses "/" in an entry name (as the fake does): the export's onnx/ files are stored under escaped names.
+    expect([...dir.files.keys()]).toEqual(expect.arrayContaining(['onnx%2Fmodel_q4.onnx', 'onnx%2Fmodel_q4.onnx_data', 'config.json']));
     for (const name of ['onnx/model_q4.onnx', 'onnx/model_q4.onnx_data', 'config.json', 'tokenizer.json']) {
-      expectSameBytes(dir.files.get(name)!, asBytes(files[name]!), `cached ${name}`);
+      expectSameBytes(dir.files.get(opfsFileName(name))!, asBytes(files[name]!), `cached ${name}`);
     }
     expect(manifest!.bytes).toBe(root.bytes() - dir.files.get('manifest.json')!.length);
 
@@ -294,18 +303,19 @@ describe('an ONNX export (onnx-community layout) in the cache', () => {
     const [manifest] = await cache.list();
     expect(manifest!.onnxFile).toBe('onnx/model_q4f16.onnx');
     const dir = root.dirs.get(manifest!.key)!;
-    const data = dir.files.get('onnx/model_q4f16.onnx_data')!;
-    dir.files.set('onnx/model_q4f16.onnx_data', data.subarray(0, data.length - 100));
+    const stored = opfsFileName('onnx/model_q4f16.onnx_data');
+    const data = dir.files.get(stored)!;
+    dir.files.set(stored, data.subarray(0, data.length - 100));
     const again = countingSource(memorySource(files, 'onnx-model', 'r1'));
     const second = await loadLlama(gpu(), again.source, { format: 'q4', cache });
     expect(second.fromCache).toBe(false);
     expect(second.cacheError).toBeInstanceOf(FormatError);
     expect(second.cacheError!.message).toMatch(/onnx_data: holds \d+ bytes, expected \d+\. Delete the cached model/);
     expect(again.log.reads).toBeGreaterThan(0);
-    expect(root.dirs.get(manifest!.key)!.files.get('onnx/model_q4f16.onnx_data')!.length).toBe(data.length);
+    expect(root.dirs.get(manifest!.key)!.files.get(stored)!.length).toBe(data.length);
     await expectSameWeights(gpu(), first, second);
     // A lost file (not just a short one) is reported the same way.
-    root.dirs.get(manifest!.key)!.files.delete('onnx/model_q4f16.onnx_data');
+    root.dirs.get(manifest!.key)!.files.delete(stored);
     const third = await loadLlama(gpu(), memorySource(files, 'onnx-model', 'r1'), { format: 'q4', cache });
     expect(third.cacheError).toBeInstanceOf(ModelCacheError);
     expect(third.cacheError!.message).toMatch(/lost its file onnx\/model_q4f16.onnx_data/);

@@ -13,7 +13,6 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Gpu } from '../../src/gpu/gpu';
 import type { Tensor } from '../../src/gpu/tensor';
-import type { FrozenLinear } from '../../src/kernels/linear';
 import { generate, sharedPrefixLength, type GenerateResult } from '../../src/model/generate';
 import { KvCache, decodeStep, defaultKvDtype, prefill, prefillShared, type InferenceLora } from '../../src/model/infer';
 import { loadLlama } from '../../src/model/load';
@@ -22,7 +21,7 @@ import { openModelDir } from '../../src/model/node-source';
 import { loadTokenizer } from '../../src/model/tokenizer';
 import type { LlamaWeights, WeightFormat } from '../../src/model/weights';
 import { useGpu } from '../helpers/gpu';
-import { ROOT, TINY_DIR } from '../helpers/model-files';
+import { ROOT, TINY_DIR, smallVocab } from '../helpers/model-files';
 import { expectClose } from '../helpers/numeric';
 
 const ADAPTER_DIR = join(ROOT, 'models', 'tiny-llama-lora');
@@ -55,17 +54,6 @@ async function loadTiny(gpu: Gpu, format: WeightFormat): Promise<LlamaWeights> {
   return (await loadLlama(gpu, await openModelDir(TINY_DIR), { format })).weights;
 }
 
-/** The same model restricted to its first V vocabulary rows (LM head and ids); owns nothing. */
-function smallVocab(w: LlamaWeights, V: number): LlamaWeights {
-  const head = w.lmHead;
-  const lmHead: FrozenLinear = {
-    V,
-    C: head.C,
-    logits: (gpu, out, h, N, rowStart, rows) => head.logits(gpu, out, h, N, rowStart, rows),
-    backward: (gpu, dh, dl, N, rowStart, rows, acc) => head.backward(gpu, dh, dl, N, rowStart, rows, acc),
-  };
-  return { ...w, config: { ...w.config, vocabSize: V }, lmHead, release: () => undefined };
-}
 
 /** A prompt for the small-vocabulary model: the chat prompt's ids folded below V. */
 const smallPrompt = (V: number, ids = chat.ids) => ids.map((id) => id % V);

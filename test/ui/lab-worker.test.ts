@@ -17,7 +17,7 @@ import { MemoryRunStore } from '../../src/selfplay/store';
 import { LoraAdapter, type PeftInput } from '../../src/model/lora';
 import type { EvaluationResult, IterationMetrics, RunFiles, TrainerEvent } from '../../src/selfplay/types';
 import { Lab, type LabEnvironment, type Trainer, type TrainerFactory, type TrainerModels } from '../../src/worker/lab';
-import type { LabEvent, SavedRunInfo } from '../../src/worker/protocol';
+import type { LabEvent, PlanSettings, SavedRunInfo } from '../../src/worker/protocol';
 import { DEFAULT_CUSTOM_REWARD, type RewardHook } from '../../src/selfplay/custom-reward';
 import { nodeSandbox } from '../../src/selfplay/custom-reward-node';
 import { syntheticModel, TINY_DIR } from '../helpers/model-files';
@@ -186,6 +186,8 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     const again = await lab.handle('loadModel', { model: { kind: 'served', folder: 'tiny-llama' }, format: 'f32', useCache: true });
     expect(again.fromCache).toBe(true);
     expect(events.some((e) => e.type === 'load-progress' && e.phase === 'cache-read')).toBe(true);
+    // A load first drops the model loaded before it, and says so (the page stops showing it even if the load then fails).
+    expect(events.filter((e) => e.type === 'model-unloaded')).toEqual([{ type: 'model-unloaded', reason: 'models/tiny-llama was unloaded to load models/tiny-llama.' }]);
 
     // Start: steps keep coming until pause; pause lets the step in flight finish.
     await lab.handle('start', { config: { world: 'arithmetic', mode: 'lsp-zero', queriesPerIteration: 2, groupSize: 2 } });
@@ -223,6 +225,31 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     });
     expect(run.iteration).toBe(4);
     expect(t.imported.map((f) => [new TextDecoder().decode(f['adapter_config.json'] as Uint8Array), new TextDecoder().decode(f['adapter_model.safetensors'])])).toEqual([['{"r": 4}', 'weights']]);
+  });
+
+  it('plans a cached model from its cached config, with no network read; an uncached format is planned from the source', async () => {
+    const { lab } = make();
+    await lab.handle('check', {});
+    const tiny = { kind: 'served', folder: 'tiny-llama' } as const;
+    await lab.handle('loadModel', { model: tiny, format: 'f32', useCache: true });
+    const settings: PlanSettings = { format: 'f32', loraRank: 4, loraTargets: ['q_proj'], groupSize: 2, maxPromptTokens: 64, maxNewTokens: 8, trainTokensPerStep: 144 };
+    const reads: string[] = [];
+    const realFetch = globalThis.fetch;
+    const spy = vi.spyOn(globalThis, 'fetch').mockImplementation((input, init) => {
+      reads.push(String(input instanceof Request ? input.url : input));
+      return realFetch(input, init);
+    });
+    try {
+      const cached = await lab.handle('planModel', { model: tiny, settings });
+      expect(cached).toMatchObject({ label: 'models/tiny-llama', layers: 2, hiddenSize: 64, vocabSize: 128256 });
+      expect(reads).toEqual([]);
+      // No 4-bit copy of this model is cached: its config comes from the served folder.
+      const q4 = await lab.handle('planModel', { model: tiny, settings: { ...settings, format: 'q4' } });
+      expect(q4.layers).toBe(2);
+      expect(reads.some((u) => u.endsWith('/models/tiny-llama/config.json'))).toBe(true);
+    } finally {
+      spy.mockRestore();
+    }
   });
 
   it("hands the model folder's exam.json to the run (the quick demo's micro model); a folder without one gives none", async () => {
@@ -390,7 +417,7 @@ describe('the lab worker (Node, Dawn, tiny model served by the lab\'s Vite confi
     expect([...sides]).toEqual([true, false]);
     t.lora.release();
     await lab.handle('resetRun', {});
-  });
+  }, 300_000); // two chats on the tiny model: 80-120 s on a loaded 2-core machine
 
   it('cancels a model download: the load ends as cancelled, nothing partial is cached, the cached models are kept', async () => {
     const { lab, events } = make();
