@@ -40,11 +40,10 @@ import { rmsnormForward } from '../kernels/rmsnorm';
 import { ropeKvWrite } from '../kernels/rope-kv';
 import { rowsForward } from '../kernels/smallk';
 import type { LoraFactors, ProjectionName } from './infer';
-import type { LlamaWeights } from './weights';
+import { LAYER_PROJECTIONS, type LlamaWeights } from './weights';
 
 type LayerLora = Partial<Record<ProjectionName, LoraFactors>>;
 
-const PROJECTIONS: readonly ProjectionName[] = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'];
 
 function singleShardQ4(lin: FrozenLinear): Q4Rows | null {
   const r = q4RowsOf(lin);
@@ -60,7 +59,7 @@ export function fusedDecodeSupported(w: LlamaWeights, lora: ReadonlyArray<LayerL
   let rank = -1;
   for (let l = 0; l < w.layers.length; l++) {
     const layer = w.layers[l]!;
-    for (const p of PROJECTIONS) {
+    for (const p of LAYER_PROJECTIONS) {
       if (!singleShardQ4(layer[p])) return false;
       const f = lora?.[l]?.[p];
       if (f) {
@@ -188,7 +187,7 @@ function canDefer(gpu: Gpu, w: LlamaWeights, lora: ReadonlyArray<LayerLora>, B: 
   for (let l = 0; l < w.layers.length; l++) {
     const layer = w.layers[l]!;
     const ad = lora[l];
-    if (!ad || PROJECTIONS.some((p) => !ad[p])) return false;
+    if (!ad || LAYER_PROJECTIONS.some((p) => !ad[p])) return false;
     for (const p of ['o', 'down'] as const) {
       const r = q4RowsOf(layer[p])!;
       if (q4FusedUnsupported(gpu, [{ W: r.W, rowStart: r.rowStart, rows: r.rows, yOffset: 0, B: ad[p]!.B }], B, true) !== null) return false;

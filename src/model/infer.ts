@@ -35,7 +35,7 @@ import { LORA_BATCHED_MAX_N, loraDecode } from '../kernels/lora-decode';
 import { matmul } from '../kernels/matmul';
 import { rmsnormForward } from '../kernels/rmsnorm';
 import { ropeForward } from '../kernels/rope';
-import type { LayerWeights, LlamaWeights } from './weights';
+import { LAYER_PROJECTIONS, type LayerWeights, type LlamaWeights } from './weights';
 
 /** The LayerWeights fields LoRA can adapt. */
 export type ProjectionName = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down';
@@ -481,12 +481,10 @@ export function decodeLengthBound(longest: number, Smax: number): number {
   return Math.min(Smax, bound);
 }
 
-const PROJECTIONS: readonly ProjectionName[] = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'];
-
 function factorList(lora: InferenceLora): (Tensor | number | null)[] {
   const out: (Tensor | number | null)[] = [];
   for (const layer of lora.layers) {
-    for (const p of PROJECTIONS) {
+    for (const p of LAYER_PROJECTIONS) {
       const f = layer[p];
       out.push(f?.A ?? null, f?.B ?? null, f?.scale ?? null);
     }
@@ -496,10 +494,10 @@ function factorList(lora: InferenceLora): (Tensor | number | null)[] {
 
 function sameFactors(list: readonly (Tensor | number | null)[], lora: InferenceLora): boolean {
   const layers = lora.layers;
-  if (list.length !== layers.length * 3 * PROJECTIONS.length) return false;
+  if (list.length !== layers.length * 3 * LAYER_PROJECTIONS.length) return false;
   let i = 0;
   for (const layer of layers) {
-    for (const p of PROJECTIONS) {
+    for (const p of LAYER_PROJECTIONS) {
       const f = layer[p];
       if (f ? list[i] !== f.A || list[i + 1] !== f.B || list[i + 2] !== f.scale : list[i] !== null) return false;
       i += 3;

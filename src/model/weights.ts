@@ -65,3 +65,6 @@ export const PROJECTION_FIELDS = {
   up_proj: 'up',
   down_proj: 'down',
 } as const satisfies Record<string, keyof LayerWeights>;
+
+/** The LayerWeights fields LoRA can adapt, in PROJECTION_FIELDS' order ('q', 'k', ..., 'down'). */
+export const LAYER_PROJECTIONS = Object.values(PROJECTION_FIELDS);
