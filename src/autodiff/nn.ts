@@ -9,6 +9,7 @@ import { embeddingForwardF32, scatterAddRowsF32 } from '../kernels/embedding';
 import type { FrozenLinear } from '../kernels/linear';
 import { lmHeadBackward, lmHeadForward } from '../kernels/lmhead';
 import { matmul } from '../kernels/matmul';
+import { SMALL_K, rowsBackward, rowsForward } from '../kernels/smallk';
 import { ropeBackward, ropeForward } from '../kernels/rope';
 import { op } from './ops';
 import type { Tape, Var } from './tape';
@@ -27,6 +28,14 @@ function gradTarget(tape: Tape, v: Var): { t: Tensor; fresh: boolean } {
   return v.grad ? { t: v.grad, fresh: false } : { t: tape.gpu.zeros(v.shape), fresh: true };
 }
 
+/**
+ * A small model's LoRA products (both of the layer's widths at most SMALL_K) run on the
+ * barrier-free row kernels, as its base projection does; the tiled matmul otherwise.
+ */
+function smallLora(base: FrozenLinear): boolean {
+  return base.C <= SMALL_K && base.V <= SMALL_K;
+}
+
 const linearOp = op<{ base: FrozenLinear; scale: number; N: number; R: number; lora: boolean }>({
   name: 'lora_linear',
   forward: (tape, inputs, { base, scale, N, R, lora }) => {
@@ -36,8 +45,13 @@ const linearOp = op<{ base: FrozenLinear; scale: number; N: number; R: number; l
     base.logits(gpu, y, x!.value, N, 0, base.V);
     if (!lora) return { outputs: [y] };
     const u = gpu.empty([N, R]);
-    matmul(gpu, u, x!.value, A!.value, N, R, base.C, { transB: true });
-    matmul(gpu, y, u, B!.value, N, base.V, R, { transB: true, alpha: scale, accumulate: true });
+    if (smallLora(base)) {
+      rowsForward(gpu, u, x!.value, A!.value, N, base.C, 0, R);
+      rowsForward(gpu, y, u, B!.value, N, R, 0, base.V, true, scale);
+    } else {
+      matmul(gpu, u, x!.value, A!.value, N, R, base.C, { transB: true });
+      matmul(gpu, y, u, B!.value, N, base.V, R, { transB: true, alpha: scale, accumulate: true });
+    }
     return { outputs: [y], saved: [u] };
   },
   backward: (tape, [dy], inputs, saved, _outputs, { base, scale, N, R, lora }) => {
@@ -52,8 +66,13 @@ const linearOp = op<{ base: FrozenLinear; scale: number; N: number; R: number; l
     if (!lora) return [dx];
     const u = saved[0]!;
     const du = gpu.empty([N, R]);
-    matmul(gpu, du, dy!, B!.value, N, R, M, { alpha: scale });
-    if (dx) matmul(gpu, dx, du, A!.value, N, K, R, { accumulate: true });
+    if (smallLora(base)) {
+      rowsBackward(gpu, du, dy!, B!.value, N, R, 0, M, false, scale);
+      if (dx) rowsBackward(gpu, dx, du, A!.value, N, K, 0, R, true);
+    } else {
+      matmul(gpu, du, dy!, B!.value, N, R, M, { alpha: scale });
+      if (dx) matmul(gpu, dx, du, A!.value, N, K, R, { accumulate: true });
+    }
     let gA: Tensor | null = null;
     let gB: Tensor | null = null;
     if (B!.requiresGrad) {
