@@ -81,8 +81,10 @@ export function attentionWorkgroupBytes(kind: AttentionKernelKind, D: number, t:
 /**
  * Default tiles: about 32 floats of each per-row register vector per thread (TPR =
  * D/32 for forward and dq, D/16 for dk/dv, which holds four vectors), 128 threads, and
- * the widest key tile (up to 16: longer unrolls only slow compilation) that fits the
- * workgroup-memory limit.
+ * the widest key tile that fits the workgroup-memory limit, up to 16 for the forward and
+ * 8 for the backward kernels. Longer unrolls only slow compilation: on lavapipe a cold
+ * compile of the D=16 backward pair takes 115 s at 16, 36 s at 8 and 10 s at 4, while
+ * their run time is within 10% from 4 to 16 (T = 14 and 256).
  */
 export function defaultAttentionTiles(kind: AttentionKernelKind, D: number, limit = PORTABLE_WORKGROUP_STORAGE): AttentionTiles {
   checkHeadDim(D);
@@ -90,7 +92,7 @@ export function defaultAttentionTiles(kind: AttentionKernelKind, D: number, limi
   let tpr = Math.min(D4, Math.max(1, Math.floor(kind === 'dkdv' ? D / 16 : D / 32)));
   while (D4 % tpr !== 0) tpr--;
   for (let rows = Math.floor(128 / tpr); rows >= 1; rows = Math.floor(rows / 2)) {
-    for (const cols of [16, 8, 4, 2, 1]) {
+    for (const cols of kind === 'forward' ? [16, 8, 4, 2, 1] : [8, 4, 2, 1]) {
       const t = { rows, cols, tpr };
       if (attentionWorkgroupBytes(kind, D, t) <= limit) return t;
     }
@@ -402,8 +404,21 @@ export interface AttentionOptions {
   dkdv?: AttentionTiles;
 }
 
-function tilesFor(gpu: Gpu, kind: AttentionKernelKind, D: number, opts: AttentionOptions): AttentionTiles {
-  const t = opts[kind] ?? defaultAttentionTiles(kind, D, Math.min(PORTABLE_WORKGROUP_STORAGE, gpu.caps.maxComputeWorkgroupStorageSize));
+/** Rows per workgroup for short sequences (one more compiled variant per kernel, not one per length). */
+const SHORT_ROWS = 32;
+
+/**
+ * The tiles a kernel runs with: the override, or the default, with its rows cut to
+ * SHORT_ROWS when `n` (the query rows T x G, or for dk/dv the keys S) fits in that, so
+ * a short sequence does not leave most of each workgroup idle. Rows are independent,
+ * so the results do not depend on how many share a workgroup.
+ */
+function tilesFor(gpu: Gpu, kind: AttentionKernelKind, D: number, opts: AttentionOptions, n: number): AttentionTiles {
+  let t = opts[kind];
+  if (!t) {
+    const d = defaultAttentionTiles(kind, D, Math.min(PORTABLE_WORKGROUP_STORAGE, gpu.caps.maxComputeWorkgroupStorageSize));
+    t = n <= SHORT_ROWS && d.rows > SHORT_ROWS ? { ...d, rows: SHORT_ROWS } : d;
+  }
   checkTiles(gpu, kind, D, t);
   return t;
 }
@@ -434,7 +449,7 @@ export function attentionForward(
 ): void {
   checkHeadDim(D);
   const G = checkGroups(H, HK);
-  const t = tilesFor(gpu, 'forward', D, opts);
+  const t = tilesFor(gpu, 'forward', D, opts, T * G);
   gpu.dispatch(forwardKernel(D, t), [out, lse, q, k, v], [ceilDiv(T * G, t.rows), HK, B], attentionParams(T, S, H, HK, D));
 }
 
@@ -463,8 +478,8 @@ export function attentionBackward(
 ): void {
   checkHeadDim(D);
   const G = checkGroups(H, HK);
-  const tq = tilesFor(gpu, 'dq', D, opts);
-  const tkv = tilesFor(gpu, 'dkdv', D, opts);
+  const tq = tilesFor(gpu, 'dq', D, opts, T * G);
+  const tkv = tilesFor(gpu, 'dkdv', D, opts, S);
   const params = attentionParams(T, S, H, HK, D);
   const delta = gpu.empty([B, H, T], 'f32', 'attention-delta');
   gpu.dispatch(dqKernel(D, tq), [dq, delta, dout, out, lse, q, k, v], [ceilDiv(T * G, tq.rows), HK, B], params);
