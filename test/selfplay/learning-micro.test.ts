@@ -31,7 +31,7 @@ const DIR = join(ROOT, 'models', 'micro-arith');
 const record = JSON.parse(readFileSync(join(DIR, 'micro.json'), 'utf8')) as { baseExamAccuracy: number };
 const exam = parseExam(JSON.parse(readFileSync(join(DIR, 'exam.json'), 'utf8')));
 const ITERATIONS = MICRO_DEMO_ITERATIONS;
-const MIN_GAIN = 0.045; // mean gain 0.128 minus three spreads (3 x 0.027) over seeds 0-4 is 0.046 (README); 11 more right answers of 240 pass, seed 0 gains 35
+const MIN_GAIN = 0.07; // mean gain 0.127 minus three spreads (3 x 0.017) over seeds 0-4 is 0.075 (README); 17 more right answers of 240 pass, seed 0 gains 34
 
 describe('self-play on micro-arith', () => {
   const gpu = useGpu();
