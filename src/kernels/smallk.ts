@@ -11,12 +11,12 @@
  * Both are out[n, c] = alpha sum_t a[n, t] B(t, c) with B read from W. A workgroup
  * covers WG output columns c (one per invocation) of NB consecutive rows n, so each
  * B element read serves NB rows, and each a[n, t] is at one address for the whole
- * workgroup. Every invocation stays active to the end (out-of-range columns and rows
- * compute a clamped copy and skip the store): SIMD adapters such as llvmpipe then load
- * such a value once per workgroup instead of once per lane.
+ * workgroup. Every invocation stays active through the loop (out-of-range columns and
+ * rows compute a clamped copy and skip the store): SIMD adapters such as llvmpipe then
+ * load such a value once per workgroup instead of once per lane.
  */
 import type { Gpu } from '../gpu/gpu';
-import { Params } from '../gpu/params';
+import { uniforms } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { ceilDiv, grid, kernelCache, WG_LINEAR } from './wgsl';
 
@@ -24,6 +24,7 @@ import { ceilDiv, grid, kernelCache, WG_LINEAR } from './wgsl';
 export const SMALL_K = 512;
 /** Rows n per workgroup (accumulators per invocation). */
 const NB = 16;
+const U = uniforms('Params', { N: 'u32', T: 'u32', C: 'u32', K: 'u32', r0: 'u32', cBlocks: 'u32', alpha: 'f32' });
 
 /** Output columns per workgroup: 64, or 16 for narrow outputs (a rank-16 LoRA product). */
 function workgroupWidth(cols: number): number {
@@ -41,7 +42,7 @@ const rowsKernel = kernelCache((backward: boolean, accumulate: boolean, wg: numb
   return {
     label: `smallk_rows_${backward ? 'backward' : 'forward'}${accumulate ? '_acc' : ''} wg=${wg}`,
     code: /* wgsl */ `
-struct Params { N: u32, T: u32, C: u32, K: u32, r0: u32, cBlocks: u32, alpha: f32 }
+${U.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>; // [N, C]
 @group(0) @binding(2) var<storage, read> a: array<f32>;         // [N, T]
@@ -70,8 +71,7 @@ function rowsProduct(gpu: Gpu, backward: boolean, out: Tensor, a: Tensor, w: Ten
   if (N === 0 || C === 0) return;
   const wg = workgroupWidth(C);
   const cBlocks = ceilDiv(C, wg);
-  const params = new Params().u32(N).u32(T).u32(C).u32(K).u32(r0).u32(cBlocks).f32(alpha);
-  gpu.dispatch(rowsKernel(backward, accumulate, wg), [out, a, w], grid(cBlocks * ceilDiv(N, NB)), params);
+  gpu.dispatch(rowsKernel(backward, accumulate, wg), [out, a, w], grid(cBlocks * ceilDiv(N, NB)), U.params({ N, T, C, K, r0, cBlocks, alpha }));
 }
 
 export function rowsForward(gpu: Gpu, y: Tensor, x: Tensor, w: Tensor, N: number, K: number, r0: number, rows: number, accumulate = false, alpha = 1): void {
