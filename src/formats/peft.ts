@@ -138,6 +138,8 @@ export const VLLM_DEFAULT_MAX_RANK = 16;
 const HINT_ADAPTER = 'Save the adapter with PEFT (LoraConfig) or export it from this lab.';
 const HINT_NONFINITE_ADAPTER =
   'The adapter is damaged (or was saved after training diverged): download or export it again, or use an earlier checkpoint of the run.';
+const HINT_NONFINITE_EXPORT =
+  'Training diverged before this export; nothing was written. Export an earlier checkpoint of the run, or lower the learning rate and resume from one.';
 
 /**
  * Checks an adapter_config.json (parsed JSON, text or bytes). Fields that would change
@@ -269,6 +271,8 @@ export function writeAdapter(adapter: { config: LoraAdapterConfig; tensors: Read
     if (t.data.length !== numel(t.shape)) {
       throw new FormatError(file, key, `has ${t.data.length} values for shape ${show(t.shape)}`, 'Pass data with one value per element.');
     }
+    // An adapter no reader (this lab's included) would accept is refused before any file exists.
+    refuseNonFinite(file, key, t.data, HINT_NONFINITE_EXPORT);
     list.push({ name: key, dtype: 'F32', shape: t.shape, data: t.data });
   }
   if (adapter.model) checkComplete(new Set(adapter.tensors.keys()), config, adapter.model, file);

@@ -227,6 +227,19 @@ describe('writeAdapter / readAdapter', () => {
     );
   });
 
+  it('refuses to write an adapter holding NaN or infinity, naming the tensor', () => {
+    for (const bad of [NaN, Infinity, -Infinity]) {
+      const diverged = new Map(tensors);
+      const key = loraKey(1, 'down_proj', 'B');
+      const data = new Float32Array(tensors.get(key)!.data);
+      data[5] = bad;
+      diverged.set(key, { shape: tensors.get(key)!.shape, data });
+      const message = formatErrorOf(() => writeAdapter({ config, tensors: diverged, model: SMALL })).message;
+      expect(message).toContain(`adapter_model.safetensors, ${key}: holds 1 non-finite value (NaN or infinity) of ${data.length}`);
+      expect(message).toContain('Export an earlier checkpoint');
+    }
+  });
+
   const rewrite = (edit: (list: TensorToWrite[]) => void) => {
     const list: TensorToWrite[] = [...tensors].map(([name, t]) => ({ name, dtype: 'F32', shape: t.shape, data: t.data }));
     edit(list);
