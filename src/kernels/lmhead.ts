@@ -17,7 +17,8 @@ import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import { matmul } from './matmul';
 import { SMALL_K, rowsBackward, rowsForward } from './smallk';
-import { WG_LINEAR, ceilDiv, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
+import { subgroupReduceWgsl, useSubgroups } from './subgroup';
+import { WG_LINEAR, ceilDiv, enables, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
 /**
  * The output projection W [V, C] (nn.Linear layout; the tied embedding), seen one
@@ -63,6 +64,8 @@ export interface LmHeadOptions {
   temperature?: number;
   /** Vocabulary rows per chunk (default 8192); lowered so the scratch fits one binding. */
   chunk?: number;
+  /** Reduce each chunk's max and sums with subgroup operations (default: where the device has `subgroups`); false forces the workgroup-memory tree. */
+  subgroups?: boolean;
 }
 
 export interface LmHeadOutputs {
@@ -92,27 +95,28 @@ export function lmHeadScratchBytes(gpu: Gpu, N: number, V: number, requested = 8
   return N * lmHeadChunk(gpu, N, V, requested) * 4;
 }
 
-const reduceSnippet = workgroupReduceWgsl(WG, ['max', 'sum']);
-
-/** Folds one chunk of logits into the running per-row state (one workgroup per row). */
-const chunkStatsKernel = kernelCache(() => ({
-  label: 'lmhead_chunk_stats',
-  code: /* wgsl */ `
+/**
+ * Folds one chunk of logits into the running per-row state (one workgroup per row),
+ * reducing through subgroupMax / subgroupAdd (`sg`) or a workgroup-memory tree.
+ */
+const chunkStatsKernel = kernelCache((sg: boolean) => ({
+  label: `lmhead_chunk_stats${sg ? ' subgroups' : ''}`,
+  code: /* wgsl */ `${enables({ subgroups: sg })}
 struct Params { N: u32, rows: u32, rowStart: u32, temperature: f32, first: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> state: array<f32>;  // [N, 4]
 @group(0) @binding(2) var<storage, read> logits: array<f32>;       // [N, rows]
 @group(0) @binding(3) var<storage, read> targets: array<u32>;      // [N]
-${reduceSnippet}
+${sg ? subgroupReduceWgsl(WG, ['max', 'sum']) : workgroupReduceWgsl(WG, ['max', 'sum'])}
 const LOWEST = -3.4028234e38;
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let n = ${WG_LINEAR};
   if (n >= p.N) { return; }
   let base = n * p.rows;
   var m = LOWEST;
   for (var j = lid; j < p.rows; j += ${WG}u) { m = max(m, logits[base + j] / p.temperature); }
-  let mc = workgroupMax(m, lid);
+  let mc = workgroupMax(m, lid${sg ? ', sgSize' : ''});
   var s = 0.0;
   var t = 0.0;
   for (var j = lid; j < p.rows; j += ${WG}u) {
@@ -121,8 +125,8 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
     s += e;
     if (e > 0.0) { t += e * d; }
   }
-  let sc = workgroupSum(s, lid);
-  let tc = workgroupSum(t, lid);
+  let sc = workgroupSum(s, lid${sg ? ', sgSize' : ''});
+  let tc = workgroupSum(t, lid${sg ? ', sgSize' : ''});
   if (lid != 0u) { return; }
   let o = n * ${STATE}u;
   let tgt = targets[n];
@@ -220,13 +224,14 @@ export function lmHeadForward(
   if (N === 0) return;
   const V = proj.V;
   const chunk = lmHeadChunk(gpu, N, V, opts.chunk);
+  const sg = useSubgroups(gpu, opts.subgroups, 'lmHeadForward');
   const logits = gpu.empty([N, chunk], 'f32', 'lmhead.chunk');
   const state = gpu.empty([N, STATE], 'f32', 'lmhead.state');
   for (let r0 = 0; r0 < V; r0 += chunk) {
     const rows = Math.min(chunk, V - r0);
     proj.logits(gpu, logits, h, N, r0, rows);
     const params = new Params().u32(N).u32(rows).u32(r0).f32(temperature).u32(r0 === 0 ? 1 : 0);
-    gpu.dispatch(chunkStatsKernel(), [state, logits, targets], grid(N), params);
+    gpu.dispatch(chunkStatsKernel(sg), [state, logits, targets], grid(N), params);
   }
   const withEntropy = !!out.entropy;
   const bindings = [out.logp, out.lse, state, targets, ...(out.entropy ? [out.entropy] : [])];

@@ -6,7 +6,7 @@
 import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
-import { subgroupReduceWgsl } from './subgroup';
+import { subgroupReduceWgsl, useSubgroups } from './subgroup';
 import { WG_LINEAR, enables, grid, kernelCache, workgroupReduceWgsl } from './wgsl';
 
 /**
@@ -91,14 +91,8 @@ export interface RmsnormOptions {
   subgroups?: boolean;
 }
 
-function useSubgroups(gpu: Gpu, opts: RmsnormOptions, what: string): boolean {
-  const sg = opts.subgroups ?? gpu.caps.subgroups;
-  if (sg && !gpu.caps.subgroups) throw new Error(`${what}: subgroup reductions need the subgroups feature, which this device lacks`);
-  return sg;
-}
-
 export function rmsnormForward(gpu: Gpu, out: Tensor, rstd: Tensor, x: Tensor, w: Tensor, N: number, C: number, eps: number, opts: RmsnormOptions = {}): void {
-  const sg = useSubgroups(gpu, opts, 'rmsnormForward');
+  const sg = useSubgroups(gpu, opts.subgroups, 'rmsnormForward');
   gpu.dispatch(forwardKernel(rmsnormWorkgroup(C), sg), [out, rstd, x, w], grid(N), new Params().u32(N).u32(C).f32(eps));
 }
 
@@ -115,7 +109,7 @@ export function rmsnormBackward(
   C: number,
   opts: RmsnormOptions = {},
 ): void {
-  const sg = useSubgroups(gpu, opts, 'rmsnormBackward');
+  const sg = useSubgroups(gpu, opts.subgroups, 'rmsnormBackward');
   gpu.dispatch(backwardKernel(rmsnormWorkgroup(C), sg), [dx, dout, x, rstd, w], grid(N), new Params().u32(N).u32(C));
   if (dw) gpu.dispatch(weightGradKernel(), [dw, dout, x, rstd], [Math.ceil(C / 64)], new Params().u32(N).u32(C));
 }

@@ -15,8 +15,21 @@
  * invocation must call them in uniform control flow (they contain barriers).
  */
 
+import type { Gpu } from '../gpu/gpu';
+
 /** The smallest subgroup size a WebGPU device may report. */
 export const MIN_SUBGROUP_SIZE = 4;
+
+/**
+ * Whether a kernel reduces through subgroup operations: `requested` (a kernel's
+ * `subgroups` option) or, by default, wherever the device has the feature. Asking for
+ * them on a device without it throws, naming the caller.
+ */
+export function useSubgroups(gpu: Gpu, requested: boolean | undefined, what: string): boolean {
+  const sg = requested ?? gpu.caps.subgroups;
+  if (sg && !gpu.caps.subgroups) throw new Error(`${what}: subgroup reductions need the subgroups feature, which this device lacks`);
+  return sg;
+}
 
 export function subgroupReduceWgsl(wg: number, ops: readonly ('sum' | 'max')[]): string {
   const slots = Math.ceil(wg / MIN_SUBGROUP_SIZE);

@@ -44,6 +44,52 @@ describe('lmhead', () => {
     for (const t of [th, tw, tt, logp, entropy, lse]) t.release();
   });
 
+  // Chunks narrower than, equal to and wider than the 256-thread workgroup, ragged last
+  // chunks and passes: partial subgroups and several subgroup partials per reduction.
+  for (const sg of [true, false]) {
+    it(`forward reduces with ${sg ? 'subgroupMax / subgroupAdd' : 'the workgroup-memory tree'} to the f64 log-softmax`, async (ctx) => {
+      const g = gpu();
+      console.log(`adapter: ${g.caps.adapterName} (subgroups ${g.caps.subgroups ? 'yes' : 'no'})`);
+      if (sg && !g.caps.subgroups) {
+        console.log(`skipped: adapter ${g.caps.adapterName} lacks subgroups`);
+        ctx.skip();
+      }
+      for (const [N, C, V, chunk, temperature] of [
+        [3, 5, 77, 10, 2],
+        [7, 9, 1001, 333, 0.9],
+        [5, 7, 513, 513, 1.1],
+      ] as const) {
+        const { h, w, targets } = makeCase(N, C, V, N * 5 + V);
+        targets[1] = IGNORED;
+        const th = g.upload(h, [N, C]);
+        const tw = g.upload(w, [V, C]);
+        const tt = g.upload(targets, [N], 'u32');
+        const logp = g.empty([N]);
+        const entropy = g.empty([N]);
+        const lse = g.empty([N]);
+        lmHeadForward(g, { logp, entropy, lse }, th, tt, f32VocabProjection(tw, V, C), N, { temperature, chunk, subgroups: sg });
+        const ref = lmHeadRef(h, w, targets, N, C, V, temperature);
+        const label = `N=${N} V=${V} chunk=${chunk}`;
+        expectClose(await g.readF32(logp), ref.logp, { atol: 1e-4, rtol: 1e-5, label: `${label} logp` });
+        expectClose(await g.readF32(entropy), ref.entropy, { atol: 1e-4, rtol: 1e-5, label: `${label} entropy` });
+        expectClose(await g.readF32(lse), ref.lse, { atol: 1e-4, rtol: 1e-5, label: `${label} lse` });
+        for (const t of [th, tw, tt, logp, entropy, lse]) t.release();
+      }
+    });
+  }
+
+  it('refuses subgroup reductions in plain words where the feature is missing', (ctx) => {
+    const g = gpu();
+    if (g.caps.subgroups) {
+      console.log(`skipped: adapter ${g.caps.adapterName} has subgroups (the refusal is for adapters without them)`);
+      ctx.skip();
+    }
+    const t = g.empty([4]);
+    const tt = g.empty([1], 'u32');
+    expect(() => lmHeadForward(g, { logp: t, lse: t }, t, tt, f32VocabProjection(t, 1, 4), 1, { subgroups: true })).toThrow(/subgroups feature/);
+    for (const x of [t, tt]) x.release();
+  });
+
   it('forward without an entropy output', async () => {
     const g = gpu();
     const [N, C, V] = [4, 8, 200];
