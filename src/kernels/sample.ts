@@ -25,7 +25,8 @@
 import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
-import { WG_LINEAR, grid, kernelCache } from './wgsl';
+import { MIN_SUBGROUP_SIZE, subgroupReduceWgsl, useSubgroups } from './subgroup';
+import { WG_LINEAR, enables, grid, kernelCache } from './wgsl';
 
 export interface SampleOptions {
   /** 0 = greedy argmax */
@@ -38,6 +39,8 @@ export interface SampleOptions {
   step: number;
   /** [B] f32: log-prob of each chosen token under the untruncated softmax(logits / temperature) */
   logp?: Tensor | null;
+  /** Reduce the argmaxes and the log-prob's sum with subgroup operations (default: where the device has `subgroups`); false forces workgroup-memory trees. */
+  subgroups?: boolean;
 }
 
 /** Threads per row: 256 for real vocabularies, 64 for small ones (fewer idle lanes per barrier). */
@@ -66,9 +69,80 @@ fn sampleHash(seed: u32, step: u32, row: u32, token: u32) -> u32 {
   return mix32(token + mix32(c + 0x632be5abu));
 }`;
 
-const sampleKernel = kernelCache((withLogp: boolean, WG: number) => ({
-  label: `sample${withLogp ? ' logp' : ''} wg=${WG}`,
-  code: /* wgsl */ `
+/** (value, index) argmax and a sum across the workgroup, through trees in workgroup memory. */
+function treeReduceWgsl(WG: number): string {
+  return /* wgsl */ `
+var<workgroup> redF: array<f32, ${WG}>;
+var<workgroup> redI: array<u32, ${WG}>;
+
+/** Ties go to the lower index, NONE never wins. */
+fn argmaxReduce(v: f32, i: u32, lid: u32) -> u32 {
+  redF[lid] = v;
+  redI[lid] = i;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      let ov = redF[lid + s];
+      let oi = redI[lid + s];
+      let mine = redI[lid];
+      if (oi != NONE && (mine == NONE || ov > redF[lid] || (ov == redF[lid] && oi < mine))) { redF[lid] = ov; redI[lid] = oi; }
+    }
+    workgroupBarrier();
+  }
+  return workgroupUniformLoad(&redI[0]);
+}
+
+fn workgroupSum(v: f32, lid: u32) -> f32 {
+  redF[lid] = v;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { redF[lid] += redF[lid + s]; }
+    workgroupBarrier();
+  }
+  return workgroupUniformLoad(&redF[0]);
+}`;
+}
+
+/**
+ * The same through subgroup operations (subgroup.ts): each subgroup takes the largest
+ * order-preserving key with subgroupMax and the lowest index holding it with
+ * subgroupMin, its first lane stores the pair, and every invocation combines the
+ * subgroups' pairs in order with the tree's rule. The key maps -0 to +0 so the two
+ * compare equal, as floats do. The winner is the same as the tree's.
+ */
+function subgroupArgmaxWgsl(WG: number): string {
+  const slots = Math.ceil(WG / MIN_SUBGROUP_SIZE);
+  return /* wgsl */ `
+var<workgroup> sgKey: array<u32, ${slots}>;
+var<workgroup> sgIdx: array<u32, ${slots}>;
+${subgroupReduceWgsl(WG, ['sum'])}
+
+/** Ties go to the lower index, NONE never wins. */
+fn argmaxReduce(v: f32, i: u32, lid: u32, sgSize: u32) -> u32 {
+  // 0 is below the key of every number: lanes without a candidate never win a subgroup.
+  let key = select(sortKey(select(v, 0.0, (bitcast<u32>(v) & 0x7fffffffu) == 0u)), 0u, i == NONE);
+  let top = subgroupMax(key);
+  let idx = subgroupMin(select(NONE, i, i != NONE && key == top));
+  if (lid % sgSize == 0u) { sgKey[lid / sgSize] = top; sgIdx[lid / sgSize] = idx; }
+  workgroupBarrier();
+  let n = (${WG}u + sgSize - 1u) / sgSize;
+  var bk = sgKey[0];
+  var bi = sgIdx[0];
+  for (var j = 1u; j < n; j++) {
+    let k = sgKey[j];
+    let x = sgIdx[j];
+    if (x != NONE && (bi == NONE || k > bk || (k == bk && x < bi))) { bk = k; bi = x; }
+  }
+  workgroupBarrier();
+  return bi;
+}`;
+}
+
+const sampleKernel = kernelCache((withLogp: boolean, WG: number, sg: boolean) => {
+  const sgArg = sg ? ', sgSize' : '';
+  return {
+    label: `sample${withLogp ? ' logp' : ''} wg=${WG}${sg ? ' subgroups' : ''}`,
+    code: /* wgsl */ `${enables({ subgroups: sg })}
 struct Params { B: u32, V: u32, temperature: f32, topK: u32, topP: f32, seed: u32, step: u32, flags: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> ids: array<u32>;   // [B]
@@ -77,8 +151,6 @@ ${withLogp ? '@group(0) @binding(3) var<storage, read_write> logp: array<f32>; /
 
 const LOWEST = -3.4028234e38;
 const NONE = 0xffffffffu;
-var<workgroup> redF: array<f32, ${WG}>;
-var<workgroup> redI: array<u32, ${WG}>;
 var<workgroup> binCount: array<atomic<u32>, 256>;
 var<workgroup> binLo: array<atomic<u32>, 256>;
 var<workgroup> binHi: array<atomic<u32>, 256>;
@@ -115,33 +187,7 @@ fn flushBin(d: u32, count: u32, mass: vec2u) {
   if (old + mass.x < old) { atomicAdd(&binHi[d], 1u); }
   atomicAdd(&binHi[d], mass.y);
 }
-
-/** (value, index) argmax across the workgroup; ties go to the lower index, NONE never wins. */
-fn argmaxReduce(v: f32, i: u32, lid: u32) -> u32 {
-  redF[lid] = v;
-  redI[lid] = i;
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-      let ov = redF[lid + s];
-      let oi = redI[lid + s];
-      let mine = redI[lid];
-      if (oi != NONE && (mine == NONE || ov > redF[lid] || (ov == redF[lid] && oi < mine))) { redF[lid] = ov; redI[lid] = oi; }
-    }
-    workgroupBarrier();
-  }
-  return workgroupUniformLoad(&redI[0]);
-}
-
-fn workgroupSum(v: f32, lid: u32) -> f32 {
-  redF[lid] = v;
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { redF[lid] += redF[lid + s]; }
-    workgroupBarrier();
-  }
-  return workgroupUniformLoad(&redF[0]);
-}
+${sg ? subgroupArgmaxWgsl(WG) : treeReduceWgsl(WG)}
 
 /**
  * Largest key k such that the weight of tokens with key >= k (and >= floorKey) reaches
@@ -213,7 +259,7 @@ fn radixSelect(base: u32, T: f32, mx: f32, floorKey: u32, byMass: bool, lid: u32
 }
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let row = ${WG_LINEAR};
   if (row >= p.B) { return; }
   let base = row * p.V;
@@ -226,7 +272,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
     let z = logits[base + i] / T;
     if (z > best || bestI == NONE) { best = z; bestI = i; }
   }
-  let top = argmaxReduce(best, bestI, lid);
+  let top = argmaxReduce(best, bestI, lid${sgArg});
   let mx = logits[base + top] / T;
 
   var chosen = top;
@@ -243,7 +289,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
       let score = z - log(-log(u));
       if (score > bestScore || bestTok == NONE) { bestScore = score; bestTok = i; }
     }
-    chosen = argmaxReduce(bestScore, bestTok, lid);
+    chosen = argmaxReduce(bestScore, bestTok, lid${sgArg});
   }
   ${
     withLogp
@@ -251,14 +297,15 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, 
   if ((p.flags & ${FLAG_LOGP}u) != 0u) {
     var s = 0.0;
     for (var i = lid; i < p.V; i += ${WG}u) { s += exp(logits[base + i] / T - mx); }
-    let total = workgroupSum(s, lid);
+    let total = workgroupSum(s, lid${sgArg});
     if (lid == 0u) { logp[row] = logits[base + chosen] / T - mx - log(total); }
   }`
       : ''
   }
   if (lid == 0u) { ids[row] = chosen; }
 }`,
-}));
+  };
+});
 
 /**
  * Samples ids [B] (u32) from logits [B, V] (f32). Records one dispatch; callers read
@@ -274,6 +321,7 @@ export function sample(gpu: Gpu, ids: Tensor, logits: Tensor, opts: SampleOption
   if (opts.logp && (opts.logp.dtype !== 'f32' || opts.logp.size < B)) throw new Error(`sample: logp must be f32 [${B}], got ${opts.logp}`);
   if (B === 0) return;
   if (V === 0) throw new Error('sample: empty vocabulary');
+  const sg = useSubgroups(gpu, opts.subgroups, 'sample');
   let flags = 0;
   if (temperature === 0) flags |= FLAG_GREEDY;
   if (topK > 0 && topK < V) flags |= FLAG_TOPK;
@@ -289,5 +337,5 @@ export function sample(gpu: Gpu, ids: Tensor, logits: Tensor, opts: SampleOption
     .u32(step >>> 0)
     .u32(flags);
   const bindings = opts.logp ? [ids, logits, opts.logp] : [ids, logits];
-  gpu.dispatch(sampleKernel(!!opts.logp, workgroupSize(V)), bindings, grid(B), params);
+  gpu.dispatch(sampleKernel(!!opts.logp, workgroupSize(V), sg), bindings, grid(B), params);
 }

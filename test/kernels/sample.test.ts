@@ -69,6 +69,60 @@ describe('sample', () => {
     expectClose(logp, ref.logp, { atol: 1e-5, rtol: 1e-5, label: 'logp' });
   });
 
+  // Workgroups of 32 (V <= 4096) and 256 threads, vocabularies narrower than a workgroup
+  // and ragged, so subgroups hold lanes without a candidate; ties between and within
+  // subgroups, and -0 against +0, must go to the lowest index as the tree sends them.
+  for (const sg of [true, false]) {
+    it(`${sg ? 'subgroupMax / subgroupMin / subgroupAdd' : 'workgroup-memory'} reductions match the f64 reference`, async (ctx) => {
+      const g = gpu();
+      console.log(`adapter: ${g.caps.adapterName} (subgroups ${g.caps.subgroups ? 'yes' : 'no'})`);
+      if (sg && !g.caps.subgroups) {
+        console.log(`skipped: adapter ${g.caps.adapterName} lacks subgroups`);
+        ctx.skip();
+      }
+      for (const [B, V] of [
+        [3, 5],
+        [5, 37],
+        [3, 1001],
+        [2, 5003],
+      ] as const) {
+        const logits = new Rng(V).f32(B * V, 2);
+        // Row 0: equal maxima in different lanes and subgroups; row 1: +0 after -0 as the maximum.
+        for (const i of [V - 1, Math.floor(V / 2), 1]) logits[i] = 7;
+        for (let i = V; i < 2 * V; i++) logits[i] = -Math.abs(logits[i]!) - 1;
+        logits[V + V - 1] = 0;
+        logits[V + Math.floor(V / 3)] = -0;
+        for (const cfg of [{ temperature: 0 }, { temperature: 0.9, topK: 4 }, { temperature: 1.1, topP: 0.7 }]) {
+          const opts = { ...cfg, seed: 31, step: 2 };
+          const tl = g.upload(logits, [B, V]);
+          const ids = g.empty([B], 'u32');
+          const logp = g.empty([B]);
+          sample(g, ids, tl, { ...opts, logp, subgroups: sg }, B, V);
+          const got = (await g.read(ids)) as Uint32Array;
+          const ref = sampleRef(logits, B, V, opts);
+          const label = `B=${B} V=${V} ${JSON.stringify(cfg)}`;
+          expect(Array.from(got), label).toEqual(Array.from(ref.ids));
+          expectClose(await g.readF32(logp), ref.logp, { atol: 1e-5, rtol: 1e-5, label: `${label} logp` });
+          if (cfg.temperature === 0) expect(got[0], `${label}: the lowest of equal maxima`).toBe(1);
+          if (cfg.temperature === 0) expect(got[1], `${label}: -0 and +0 tie`).toBe(Math.floor(V / 3));
+          for (const t of [tl, ids, logp]) t.release();
+        }
+      }
+    });
+  }
+
+  it('refuses subgroup reductions in plain words where the feature is missing', (ctx) => {
+    const g = gpu();
+    if (g.caps.subgroups) {
+      console.log(`skipped: adapter ${g.caps.adapterName} has subgroups (the refusal is for adapters without them)`);
+      ctx.skip();
+    }
+    const ids = g.empty([1], 'u32');
+    const tl = g.empty([4]);
+    expect(() => sample(g, ids, tl, { temperature: 0, seed: 0, step: 0, subgroups: true }, 1, 4)).toThrow(/subgroups feature/);
+    for (const t of [ids, tl]) t.release();
+  });
+
   it('is deterministic in (seed, step) and changes with either', async () => {
     const [B, V] = [64, 1000];
     const logits = new Rng(4).f32(B * V);
