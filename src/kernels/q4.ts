@@ -13,7 +13,9 @@
  *    groups * rowsPerThread rows; `lanes` threads split a row's blocks, each thread
  *    streams one 16-byte block (vec4<u32>) of rowsPerThread rows per step, so the x
  *    values it loads are reused by every row and every one of the N inputs reuses
- *    each dequantized word. Partial sums are reduced in workgroup memory.
+ *    each dequantized word. The lanes' partial sums are combined with subgroup
+ *    shuffles where the device has subgroups (subgroup.ts laneGroupSumWgsl, any
+ *    subgroup size), else by a tree in workgroup memory.
  *  - GEMM (prefill / training): 64 x 64 output tiles, 4 x 4 per thread, one 32-wide
  *    block of K per step with the x tile and the dequantized W tile in workgroup memory.
  * The backward is the same tiled GEMM with the reduction running over W's rows.
@@ -24,7 +26,8 @@ import type { Gpu } from '../gpu/gpu';
 import { Params } from '../gpu/params';
 import type { Tensor } from '../gpu/tensor';
 import type { Q4Shard, Q4Weight } from './q4-layout';
-import { WG_LINEAR, ceilDiv, grid, kernelCache } from './wgsl';
+import { laneGroupSumWgsl, useSubgroups } from './subgroup';
+import { WG_LINEAR, ceilDiv, enables, grid, kernelCache } from './wgsl';
 
 /** Largest N served by the GEMV kernel; larger N use the tiled GEMM. */
 export const Q4_GEMV_MAX_N = 8;
@@ -63,6 +66,8 @@ export interface Q4MatmulForwardOptions extends Q4MatmulOptions {
   kernel?: 'gemv' | 'gemm';
   /** GEMV tuning knobs; default q4GemvTuningFor(rowCount) */
   tuning?: Q4GemvTuning;
+  /** GEMV: combine the lanes' sums with subgroup shuffles (default: where the device has `subgroups`); false forces the workgroup-memory tree. */
+  subgroups?: boolean;
 }
 
 /** A run of rows of W that lies inside one shard. */
@@ -123,9 +128,10 @@ fn q4Hi(u: u32) -> vec4f { return bitcast<vec4f>(((vec4u(u) >> vec4u(16u, 20u, 2
 
 /**
  * GEMV for N (1..8) input rows. `aligned` (K % 32 == 0) reads x as vec4 with no masks;
- * otherwise x is read element-wise with the block tail masked to zero.
+ * otherwise x is read element-wise with the block tail masked to zero. `sg`: the lanes'
+ * sums combine through subgroups instead of a tree in workgroup memory.
  */
-export const q4GemvKernel = kernelCache((N: number, zeros: boolean, aligned: boolean, tuning: Q4GemvTuning) => {
+export const q4GemvKernel = kernelCache((N: number, zeros: boolean, aligned: boolean, tuning: Q4GemvTuning, sg: boolean) => {
   const { lanes, groups, rowsPerThread: R } = tuning;
   const WG = lanes * groups;
   if (!(N >= 1 && N <= Q4_GEMV_MAX_N)) throw new Error(`q4 GEMV: N=${N} is outside 1..${Q4_GEMV_MAX_N}`);
@@ -151,9 +157,21 @@ ${rs.map((r) => `      t${r}_${n} += dot(xl${n}, l${r}) + dot(xh${n}, h${r});`).
   )
   .join('\n')}
     }`;
+  const sums = rs.flatMap((r) => ns.map((n) => `a${r}_${n}`)).join(', ');
+  const reduce = sg
+    ? `  var acc = array<f32, ${R * N}>(${sums});
+  laneGroupSum(&acc, lane, lid, sgSize);`
+    : `${rs.map((r) => ns.map((n) => `  red[${r * N + n}u * WG + lid] = a${r}_${n};`).join('\n')).join('\n')}
+  workgroupBarrier();
+  for (var s = LANES / 2u; s > 0u; s >>= 1u) {
+    if (lane < s) {
+      for (var i = 0u; i < RN; i++) { red[i * WG + lid] += red[i * WG + lid + s]; }
+    }
+    workgroupBarrier();
+  }`;
   return {
-    label: `q4_gemv N=${N}${zeros ? ' zeros' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}`,
-    code: /* wgsl */ `
+    label: `q4_gemv N=${N}${zeros ? ' zeros' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}${sg ? ' subgroups' : ''}`,
+    code: /* wgsl */ `${enables({ subgroups: sg })}
 struct Params { rows: u32, K: u32, nb: u32, row0: u32, yStride: u32, yOffset: u32, accumulate: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;  // [N, yStride]
@@ -162,10 +180,10 @@ ${q4Wgsl(3, zeros)}
 const LANES = ${lanes}u;
 const WG = ${WG}u;
 const RN = ${R * N}u;
-var<workgroup> red: array<f32, ${R * N * WG}>;  // [R * N, WG]
+${sg ? laneGroupSumWgsl(WG, lanes, R * N) : `var<workgroup> red: array<f32, ${R * N * WG}>;  // [R * N, WG]`}
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let lane = lid % LANES;
   let group = lid / LANES;
   let first = (${WG_LINEAR} * ${groups}u + group) * ${R}u;  // first piece row of this thread's rows
@@ -186,19 +204,12 @@ ${rs.map((r) => ns.map((n) => `    var t${r}_${n} = 0.0;`).join('\n')).join('\n'
 ${['x', 'y', 'z', 'w'].map((c, w) => word(w, c)).join('')}
 ${rs.map((r) => ns.map((n) => `    a${r}_${n} += s${r} * t${r}_${n};`).join('\n')).join('\n')}
   }
-${rs.map((r) => ns.map((n) => `  red[${r * N + n}u * WG + lid] = a${r}_${n};`).join('\n')).join('\n')}
-  workgroupBarrier();
-  for (var s = LANES / 2u; s > 0u; s >>= 1u) {
-    if (lane < s) {
-      for (var i = 0u; i < RN; i++) { red[i * WG + lid] += red[i * WG + lid + s]; }
-    }
-    workgroupBarrier();
-  }
+${reduce}
   for (var i = lane; i < RN; i += LANES) {
     let row = first + i / ${N}u;
     if (row < p.rows) {
       let o = (i % ${N}u) * p.yStride + p.yOffset + row;
-      var v = red[i * WG + group * LANES];
+      var v = ${sg ? 'acc[i]' : 'red[i * WG + group * LANES]'};
       if (p.accumulate != 0u) { v += y[o]; }
       y[o] = v;
     }
@@ -388,13 +399,14 @@ export function q4Matmul(gpu: Gpu, y: Tensor, x: Tensor, W: Q4Weight, N: number,
   const zeros = W.shards[0]!.zeros !== null;
   const acc = opts.accumulate ? 1 : 0;
   if (kernel === 'gemv') {
+    const sg = useSubgroups(gpu, opts.subgroups, 'q4Matmul');
     const tuning = opts.tuning ?? q4GemvTuningFor(rowCount);
     const rowsPerGroup = tuning.groups * tuning.rowsPerThread;
     const aligned = W.K % 32 === 0;
     if (N > Q4_GEMV_MAX_N) throw new Error(`q4Matmul: the GEMV kernel serves N <= ${Q4_GEMV_MAX_N}, got N=${N}`);
     for (const pc of pieces) {
       const params = new Params().u32(pc.rows).u32(W.K).u32(W.nb).u32(pc.local).u32(rowCount).u32(pc.offset).u32(acc);
-      gpu.dispatch(q4GemvKernel(N, zeros, aligned, tuning), [y, x, ...q4ShardBindings(pc.shard)], grid(ceilDiv(pc.rows, rowsPerGroup)), params);
+      gpu.dispatch(q4GemvKernel(N, zeros, aligned, tuning, sg), [y, x, ...q4ShardBindings(pc.shard)], grid(ceilDiv(pc.rows, rowsPerGroup)), params);
     }
     return;
   }

@@ -49,3 +49,50 @@ fn workgroup${name}(v: f32, lid: u32, sgSize: u32) -> f32 {
   });
   return `var<workgroup> sgPart: array<f32, ${slots}>;${fns.join('')}`;
 }
+
+/**
+ * WGSL for sums over row groups of `lanes` consecutive invocations (`lanes` a power of
+ * two dividing `wg`; group g is invocations g * lanes .. g * lanes + lanes - 1), each
+ * summing `outs * copies` values: the GEMVs' combine of the partial dot products that
+ * their lanes computed over a row's blocks.
+ *
+ * `fn laneGroupSum(v: ptr<function, array<f32, outs * copies>>, lane, lid, sgSize)`
+ * first sums over span = min(subgroup size, lanes) lanes with a subgroupShuffleXor
+ * butterfly (aligned spans lie inside one subgroup; subgroup sizes are powers of two),
+ * after which every lane of a span holds the same sums (a + b == b + a). When a
+ * subgroup is narrower than the group (lanes / span > 1 spans, e.g. 32 lanes on
+ * subgroups of 4 or 8), each span's first lane stores its sums in workgroup memory and
+ * the lane that needs a total adds the group's spans in order. Afterwards (*v)[c * outs
+ * + i] is the group's total for every copy c and every i with i % lanes == lane (every
+ * i when one subgroup holds the group). Deterministic: fixed order at every step.
+ * Contains a barrier: call in uniform control flow.
+ */
+export function laneGroupSumWgsl(wg: number, lanes: number, outs: number, copies = 1): string {
+  if (lanes < 1 || (lanes & (lanes - 1)) !== 0 || wg % lanes !== 0) throw new Error(`laneGroupSumWgsl: lanes=${lanes} is not a power of two dividing ${wg}`);
+  const count = outs * copies;
+  const slots = Math.ceil(wg / MIN_SUBGROUP_SIZE);
+  return `
+var<workgroup> lanePart: array<f32, ${count * slots}>;  // [${count}, ${slots}]: one sum per span
+fn laneGroupSum(v: ptr<function, array<f32, ${count}>>, lane: u32, lid: u32, sgSize: u32) {
+  let span = min(sgSize, ${lanes}u);
+  for (var s = span / 2u; s > 0u; s >>= 1u) {
+    for (var i = 0u; i < ${count}u; i++) { (*v)[i] += subgroupShuffleXor((*v)[i], s); }
+  }
+  let parts = ${lanes}u / span;
+  if (parts > 1u && lane % span == 0u) {
+    for (var i = 0u; i < ${count}u; i++) { lanePart[i * ${slots}u + lid / span] = (*v)[i]; }
+  }
+  workgroupBarrier();
+  if (parts > 1u) {
+    let first = (lid - lane) / span;
+    for (var i = lane; i < ${outs}u; i += ${lanes}u) {
+      for (var c = 0u; c < ${copies}u; c++) {
+        let o = (c * ${outs}u + i) * ${slots}u + first;
+        var t = lanePart[o];
+        for (var q = 1u; q < parts; q++) { t += lanePart[o + q]; }
+        (*v)[c * ${outs}u + i] = t;
+      }
+    }
+  }
+}`;
+}

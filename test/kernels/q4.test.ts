@@ -92,6 +92,57 @@ describe('q4Matmul', () => {
     releaseQ4(W);
   });
 
+  // Row groups of 1..128 lanes against subgroups of 4 (SwiftShader) and 8 (lavapipe):
+  // groups inside one subgroup (butterfly only) and groups over several (span sums
+  // combined in workgroup memory); odd K leaves lanes with no block, odd M clamps rows.
+  const laneCases: Case[] = [
+    { N: 3, M: 7, K: 40, zeros: true, tuning: { lanes: 1, groups: 8, rowsPerThread: 1 } },
+    { N: 1, M: 9, K: 100, zeros: false, tuning: { lanes: 2, groups: 4, rowsPerThread: 2 } },
+    { N: 2, M: 11, K: 160, zeros: true, tuning: { lanes: 4, groups: 3, rowsPerThread: 1 } },
+    { N: 5, M: 13, K: 288, zeros: false, tuning: { lanes: 8, groups: 2, rowsPerThread: 2 } },
+    { N: 3, M: 37, K: 100, zeros: true, accumulate: true, tuning: { lanes: 32, groups: 2, rowsPerThread: 2 } },
+    { N: 1, M: 5, K: 1000, zeros: false, tuning: { lanes: 128, groups: 1, rowsPerThread: 1 } },
+  ];
+  for (const sg of [true, false]) {
+    it(`GEMV lane sums with ${sg ? 'subgroup shuffles' : 'the workgroup-memory tree'} match the f64 reference`, async (ctx) => {
+      const g = gpu();
+      console.log(`adapter: ${g.caps.adapterName} (subgroups ${g.caps.subgroups ? 'yes' : 'no'})`);
+      if (sg && !g.caps.subgroups) {
+        console.log(`skipped: adapter ${g.caps.adapterName} lacks subgroups`);
+        ctx.skip();
+      }
+      for (const c of laneCases) {
+        const { rng, packed, wq } = setup(c, c.N * 1000 + c.M * 10 + c.K + 1);
+        const W = uploadQ4(g, packed, c.M, c.K);
+        const x = rng.f32(c.N * c.K);
+        const y0 = rng.f32(c.N * c.M);
+        const tx = g.upload(x, [c.N, c.K]);
+        const ty = g.upload(y0, [c.N, c.M]);
+        q4Matmul(g, ty, tx, W, c.N, { accumulate: c.accumulate, kernel: 'gemv', tuning: c.tuning, subgroups: sg });
+        const ref = q4MatmulRef(x, wq, c.N, c.K, 0, c.M);
+        if (c.accumulate) ref.forEach((v, i) => (ref[i] = v + y0[i]!));
+        expectClose(await g.readF32(ty), ref, { atol: 2e-5 * Math.sqrt(c.K), rtol: 1e-4, label: name(c) });
+        tx.release();
+        ty.release();
+        releaseQ4(W);
+      }
+    });
+  }
+
+  it('refuses subgroup sums in plain words where the feature is missing', (ctx) => {
+    const g = gpu();
+    if (g.caps.subgroups) {
+      console.log(`skipped: adapter ${g.caps.adapterName} has subgroups (the refusal is for adapters without them)`);
+      ctx.skip();
+    }
+    const c: Case = { N: 1, M: 1, K: 32, zeros: false };
+    const W = uploadQ4(g, setup(c, 1).packed, c.M, c.K);
+    const t = g.empty([32]);
+    expect(() => q4Matmul(g, t, t, W, 1, { subgroups: true })).toThrow(/subgroups feature/);
+    t.release();
+    releaseQ4(W);
+  });
+
   it.each(backwardCases.map((c) => [name(c), c] as const))('backward matches the f64 reference (%s)', async (_, c) => {
     const g = gpu();
     const { rng, packed, wq } = setup(c, c.N * 7 + c.M * 3 + c.K);
