@@ -30,7 +30,9 @@
  * dispatch only within the device's maxStorageBuffersPerShaderStage:
  * q4FusedBindings() counts, q4FusedUnsupported() says why not, the caller plans.
  * Batches of 9..32 rows re-read the weights once per chunk of 8 (from cache on GPUs);
- * the N = 1..8 decode steps read each weight byte once.
+ * the N = 1..8 decode steps read each weight byte once. Where the device has subgroups
+ * the lanes' sums combine with shuffles (subgroup.ts laneGroupSumWgsl) and the A
+ * products' with subgroupAdd, else through trees in workgroup memory.
  */
 import type { Gpu } from '../gpu/gpu';
 import { uniforms } from '../gpu/params';
@@ -38,7 +40,8 @@ import type { KernelSource } from '../gpu/pipelines';
 import type { Tensor } from '../gpu/tensor';
 import { Q4_GEMV_MAX_N, q4GemvTuningFor, type Q4GemvTuning } from './q4';
 import type { Q4Weight } from './q4-layout';
-import { MAX_WORKGROUPS_PER_DIM, ceilDiv, kernelCache } from './wgsl';
+import { MIN_SUBGROUP_SIZE, laneGroupSumWgsl, useSubgroups } from './subgroup';
+import { MAX_WORKGROUPS_PER_DIM, ceilDiv, enables, kernelCache } from './wgsl';
 
 /** Rows served by one fused dispatch (chunks of up to Q4_GEMV_MAX_N along the grid's y). */
 export const Q4_FUSED_MAX_N = 32;
@@ -86,8 +89,11 @@ export function q4FusedBindings(segments: number, zeros: boolean, lora: boolean,
   return 2 + (lora ? 1 : 0) + weights * (zeros ? 3 : 2) + (lora ? segments : 0) + (down ? 2 : 0);
 }
 
-/** weightOf[s]: which bound weight segment s reads (segments of one packed weight share its bindings). */
-const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down = false) => {
+/**
+ * weightOf[s]: which bound weight segment s reads (segments of one packed weight share
+ * its bindings). `sg`: sums combine through subgroups instead of workgroup-memory trees.
+ */
+const fusedKernel = kernelCache((NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down: boolean, sg: boolean) => {
   const nSeg = weightOf.length;
   const nW = Math.max(...weightOf) + 1;
   const { lanes, groups, rowsPerThread: R } = tuning;
@@ -186,16 +192,20 @@ fn lora${s}(n: u32, row: u32) -> f32 {
   const aLoad = aligned
     ? (k: string) => `vec4f(la[${k}], la[${k} + 1u], la[${k} + 2u], la[${k} + 3u])`
     : (k: string) => `vec4f(${[0, 1, 2, 3].map((i) => `select(0.0, la[min(${k} + ${i}u, ab + p.K - 1u)], k + ${i}u < p.K)`).join(', ')})`;
-  const downFn = `
-fn downProducts(r: u32, lid: u32, n0: u32) {
-  let ab = r * p.K;
-${ns.map((n) => `  let xo${n} = min(n0 + ${n}u, p.N - 1u) * p.K;
-  var d${n} = 0.0;`).join('\n')}
-  for (var k = lid * 4u; k < p.K; k += WG * 4u) {
-    let a = ${aLoad('ab + k')};
-${ns.map((n) => `    d${n} += dot(xq(xo${n}, k), a);`).join('\n')}
+  // Subgroups: subgroupAdd, each subgroup's first lane stores its sums, lid n < NC adds
+  // the subgroups' sums of input row n in order.
+  const slots = Math.ceil(WG / MIN_SUBGROUP_SIZE);
+  const downSubgroupSum = `${ns.map((n) => `  let t${n} = subgroupAdd(d${n});`).join('\n')}
+  if (lid % sgSize == 0u) {
+${ns.map((n) => `    downPart[${n * slots}u + lid / sgSize] = t${n};`).join('\n')}
   }
-${ns.map((n) => `  red[${n}u * WG + lid] = d${n};`).join('\n')}
+  workgroupBarrier();
+  if (lid < ${NC}u && n0 + lid < p.N) {
+    var t = downPart[lid * ${slots}u];
+    for (var q = 1u; q < (WG + sgSize - 1u) / sgSize; q++) { t += downPart[lid * ${slots}u + q]; }
+    ua[(n0 + lid) * p.RA + r] = p.scaleA * t;
+  }`;
+  const downTreeSum = `${ns.map((n) => `  red[${n}u * WG + lid] = d${n};`).join('\n')}
   workgroupBarrier();
   for (var s = ${Math.floor(P2 / 2)}u; s > 0u; s >>= 1u) {
     if (lid < s && lid + s < WG) {
@@ -203,13 +213,23 @@ ${ns.map((n) => `  red[${n}u * WG + lid] = d${n};`).join('\n')}
     }
     workgroupBarrier();
   }
-  if (lid < ${NC}u && n0 + lid < p.N) { ua[(n0 + lid) * p.RA + r] = p.scaleA * red[lid * WG]; }
+  if (lid < ${NC}u && n0 + lid < p.N) { ua[(n0 + lid) * p.RA + r] = p.scaleA * red[lid * WG]; }`;
+  const downFn = `
+fn downProducts(r: u32, lid: u32, n0: u32${sg ? ', sgSize: u32' : ''}) {
+  let ab = r * p.K;
+${ns.map((n) => `  let xo${n} = min(n0 + ${n}u, p.N - 1u) * p.K;
+  var d${n} = 0.0;`).join('\n')}
+  for (var k = lid * 4u; k < p.K; k += WG * 4u) {
+    let a = ${aLoad('ab + k')};
+${ns.map((n) => `    d${n} += dot(xq(xo${n}, k), a);`).join('\n')}
+  }
+${sg ? downSubgroupSum : downTreeSum}
 }`;
   const pickSeg = (body: (s: number) => string) => segs.map((s) => `${s > 0 ? ' else ' : ''}if (seg == ${s}u) { ${body(s)} }`).join('');
 
   const main =
     mode === 'rows'
-      ? `${down ? '\n  if (wid.x >= p.wgA) {\n    downProducts(wid.x - p.wgA, lid, n0);\n    return;\n  }' : ''}
+      ? `${down ? `\n  if (wid.x >= p.wgA) {\n    downProducts(wid.x - p.wgA, lid, n0${sg ? ', sgSize' : ''});\n    return;\n  }` : ''}
   var seg = 0u;
   var g = wid.x;
   var rows = p.rows0;
@@ -220,14 +240,14 @@ ${nSeg > 2 ? '  if (wid.x >= p.wg2) { seg = 2u; g = wid.x - p.wg2; rows = p.rows
   let first = (g * ${groups}u + group) * ${R}u;
   var acc: array<f32, ${RN}>;
   ${nW === 1 ? `acc = dot0(base, first, rows - 1u, lane, n0);` : pickSeg((s) => `acc = dot${weightOf[s]}(base, first, rows - 1u, lane, n0);`)}
-  for (var i = 0u; i < RN; i++) { red[i * WG + lid] = acc[i]; }
-  ${reduce(RN)}
+  ${sg ? 'laneGroupSum(&acc, lane, lid, sgSize);' : `for (var i = 0u; i < RN; i++) { red[i * WG + lid] = acc[i]; }
+  ${reduce(RN)}`}
   for (var i = lane; i < RN; i += LANES) {
     let row = first + i / ${NC}u;
     let n = n0 + i % ${NC}u;
     if (row < rows && n < p.N) {
       let o = n * p.yStride + off + row;
-      var v = red[i * WG + group * LANES];
+      var v = ${sg ? 'acc[i]' : 'red[i * WG + group * LANES]'};
 ${lora ? `      ${pickSeg((s) => `v += lora${s}(n, row);`)}` : ''}
       if (p.accumulate != 0u) { v += y[o]; }
       y[o] = v;
@@ -238,25 +258,34 @@ ${lora ? `      ${pickSeg((s) => `v += lora${s}(n, row);`)}` : ''}
   let rows = p.rows0;
   let acc0 = dot${weightOf[0]}(p.base0, first, rows - 1u, lane, n0);
   let acc1 = dot${weightOf[1]}(p.base1, first, rows - 1u, lane, n0);
+  ${
+    sg
+      ? `var acc: array<f32, ${2 * RN}>;
   for (var i = 0u; i < RN; i++) {
+    acc[i] = acc0[i];
+    acc[RN + i] = acc1[i];
+  }
+  laneGroupSum(&acc, lane, lid, sgSize);`
+      : `for (var i = 0u; i < RN; i++) {
     red[i * WG + lid] = acc0[i];
     red[(RN + i) * WG + lid] = acc1[i];
   }
-  ${reduce(2 * RN)}
+  ${reduce(2 * RN)}`
+  }
   for (var i = lane; i < RN; i += LANES) {
     let row = first + i / ${NC}u;
     let n = n0 + i % ${NC}u;
     if (row < rows && n < p.N) {
-      var gate = red[i * WG + group * LANES];
-      var up = red[(RN + i) * WG + group * LANES];
+      var gate = ${sg ? 'acc[i]' : 'red[i * WG + group * LANES]'};
+      var up = ${sg ? 'acc[RN + i]' : 'red[(RN + i) * WG + group * LANES]'};
 ${lora ? '      gate += lora0(n, row);\n      up += lora1(n, row);' : ''}
       y[n * p.yStride + p.off0 + row] = gate / (1.0 + exp(-gate)) * up;
     }
   }`;
 
   return {
-    label: `q4_fused_gemv ${mode} NC=${NC} seg=${weightOf.join('')}${zeros ? ' zeros' : ''}${lora ? ' lora' : ''}${down ? ' down' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}`,
-    code: /* wgsl */ `
+    label: `q4_fused_gemv ${mode} NC=${NC} seg=${weightOf.join('')}${zeros ? ' zeros' : ''}${lora ? ' lora' : ''}${down ? ' down' : ''}${aligned ? '' : ' unaligned'} lanes=${lanes} groups=${groups} R=${R}${sg ? ' subgroups' : ''}`,
+    code: /* wgsl */ `${enables({ subgroups: sg })}
 ${U.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;  // [N, yStride]
@@ -267,7 +296,11 @@ ${aDecl}
 const LANES = ${lanes}u;
 const WG = ${WG}u;
 const RN = ${RN}u;
-var<workgroup> red: array<f32, ${nOut * RN * WG}>;  // [nOut * RN, WG]
+${
+  sg
+    ? `${laneGroupSumWgsl(WG, lanes, RN, nOut)}${down ? `\nvar<workgroup> downPart: array<f32, ${NC * slots}>;  // [NC, ${slots}]: one sum per subgroup` : ''}`
+    : `var<workgroup> red: array<f32, ${nOut * RN * WG}>;  // [nOut * RN, WG]`
+}
 // 2^23 + nibbles 0-3 and 4-7 of one word (see q4.ts: no int-to-float conversion).
 fn q4Lo(w: u32) -> vec4f { return bitcast<vec4f>(((vec4u(w) >> vec4u(0u, 4u, 8u, 12u)) & vec4u(15u)) | vec4u(0x4b000000u)); }
 fn q4Hi(w: u32) -> vec4f { return bitcast<vec4f>(((vec4u(w) >> vec4u(16u, 20u, 24u, 28u)) & vec4u(15u)) | vec4u(0x4b000000u)); }
@@ -276,7 +309,7 @@ ${lora ? segs.map(loraFn).join('\n') : ''}
 ${down ? downFn : ''}
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let lane = lid % LANES;
   let group = lid / LANES;
   let n0 = wid.y * ${NC}u;
@@ -291,15 +324,15 @@ ${main}
  * times a token).
  */
 const fusedByKey = new Map<number, KernelSource>();
-function fusedKernelFor(NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down: boolean): KernelSource {
+function fusedKernelFor(NC: number, weightOf: readonly number[], mode: Q4FusedMode, zeros: boolean, lora: boolean, aligned: boolean, tuning: Q4GemvTuning, down: boolean, sg: boolean): KernelSource {
   const { lanes, groups, rowsPerThread } = tuning;
-  if (lanes > 1024 || groups > 1023 || rowsPerThread > 255) return fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down);
+  if (lanes > 1024 || groups > 1023 || rowsPerThread > 255) return fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down, sg);
   let key = NC * 4 + weightOf.length;
   for (let i = 0; i < Q4_FUSED_MAX_SEGMENTS; i++) key = key * 4 + (weightOf[i] ?? 0);
   key = ((((key * 2 + (mode === 'swiglu' ? 1 : 0)) * 2 + (zeros ? 1 : 0)) * 2 + (lora ? 1 : 0)) * 2 + (aligned ? 1 : 0)) * 2048 + lanes;
-  key = ((key * 1024 + groups) * 256 + rowsPerThread) * 2 + (down ? 1 : 0);
+  key = (((key * 1024 + groups) * 256 + rowsPerThread) * 2 + (down ? 1 : 0)) * 2 + (sg ? 1 : 0);
   let k = fusedByKey.get(key);
-  if (!k) fusedByKey.set(key, (k = fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down)));
+  if (!k) fusedByKey.set(key, (k = fusedKernel(NC, weightOf, mode, zeros, lora, aligned, tuning, down, sg)));
   return k;
 }
 
@@ -343,6 +376,8 @@ export interface Q4FusedOptions {
   /** rows mode: also u [N, RA] = scale x A^T (A [RA, K]) from extra workgroups of this dispatch */
   down?: Q4FusedDown | null;
   tuning?: Q4GemvTuning;
+  /** Combine sums with subgroup operations (default: where the device has `subgroups`); false forces the workgroup-memory trees. */
+  subgroups?: boolean;
 }
 
 /** The LoRA A half of a projection, computed beside its GEMV (the B half is applied later). */
@@ -434,7 +469,8 @@ export function q4FusedGemv(gpu: Gpu, y: Tensor, x: Tensor, N: number, segs: rea
   if (total + RA > MAX_WORKGROUPS_PER_DIM) throw new Error(`q4FusedGemv: ${total} workgroups exceed ${MAX_WORKGROUPS_PER_DIM} (raise rowsPerThread)`);
   const NC = Math.min(N, Q4_GEMV_MAX_N);
   const { weights, weightOf } = weightIndex(segs);
-  const kernel = fusedKernelFor(NC, weightOf, mode, zeros, lora, K % 32 === 0, tuning, down !== null);
+  const sg = useSubgroups(gpu, opts.subgroups, 'q4FusedGemv');
+  const kernel = fusedKernelFor(NC, weightOf, mode, zeros, lora, K % 32 === 0, tuning, down !== null, sg);
   const params = U.params({
     N,
     K,

@@ -25,6 +25,8 @@ interface Case {
   tuning?: Q4GemvTuning;
   /** rank of LoRA A products computed by extra workgroups of the dispatch (rows mode) */
   down?: number;
+  /** reduction path: subgroups (true), workgroup-memory trees (false), default the device's */
+  subgroups?: boolean;
 }
 
 const cases: Case[] = [
@@ -45,10 +47,18 @@ const cases: Case[] = [
   { mode: 'swiglu', N: 1, K: 64, Ms: [30, 30], zeros: true, R: 0 },
   { mode: 'swiglu', N: 3, K: 100, Ms: [21, 21], zeros: false, R: 4 },
   { mode: 'swiglu', N: 9, K: 96, Ms: [45, 45], zeros: true, R: 2, tuning: { lanes: 16, groups: 2, rowsPerThread: 3 } },
+  // Both reduction paths forced, row groups of 2..32 lanes on subgroups of 4 and 8: the
+  // defaults above take the subgroup path wherever the adapter has subgroups.
+  { mode: 'rows', N: 3, K: 100, Ms: [13, 5, 7], zeros: false, R: 2, subgroups: false },
+  { mode: 'rows', N: 1, K: 96, Ms: [24], zeros: false, R: 0, accumulate: true, down: 5, tuning: { lanes: 8, groups: 3, rowsPerThread: 2 }, subgroups: false },
+  { mode: 'swiglu', N: 3, K: 100, Ms: [21, 21], zeros: false, R: 4, subgroups: false },
+  { mode: 'rows', N: 5, K: 72, Ms: [11, 3], zeros: true, R: 0, down: 3, tuning: { lanes: 2, groups: 5, rowsPerThread: 1 }, subgroups: true },
+  { mode: 'swiglu', N: 2, K: 160, Ms: [9, 9], zeros: false, R: 0, tuning: { lanes: 4, groups: 4, rowsPerThread: 2 }, subgroups: true },
 ];
 
 const name = (c: Case) =>
-  `${c.mode} N=${c.N} K=${c.K} M=[${c.Ms}]${c.zeros ? ' zeros' : ''}${c.R ? ` lora r=${c.R}` : ''}${c.accumulate ? ' +=' : ''}${c.packed ? ' packed' : ''}${c.down ? ` A products r=${c.down}` : ''}${c.tuning ? ` ${JSON.stringify(c.tuning)}` : ''}`;
+  `${c.mode} N=${c.N} K=${c.K} M=[${c.Ms}]${c.zeros ? ' zeros' : ''}${c.R ? ` lora r=${c.R}` : ''}${c.accumulate ? ' +=' : ''}${c.packed ? ' packed' : ''}${c.down ? ` A products r=${c.down}` : ''}${c.tuning ? ` ${JSON.stringify(c.tuning)}` : ''}` +
+  `${c.subgroups === undefined ? '' : c.subgroups ? ' subgroups' : ' workgroup-memory trees'}`;
 
 const silu = (g: number) => g / (1 + Math.exp(-g));
 
@@ -57,6 +67,11 @@ describe('fused 4-bit GEMV (q/k/v in one dispatch; gate, up and SwiGLU in one; L
 
   it.for(cases.map((c) => [name(c), c] as const))('matches the f64 reference (%s)', { timeout: 240_000 /* lavapipe compiles each variant with LLVM on first use */ }, async ([, c], ctx) => {
     const g = gpu();
+    console.log(`adapter: ${g.caps.adapterName} (subgroups ${g.caps.subgroups ? 'yes' : 'no'})`);
+    if (c.subgroups && !g.caps.subgroups) {
+      console.log(`skipped: adapter ${g.caps.adapterName} lacks subgroups`);
+      ctx.skip();
+    }
     const need = q4FusedBindings(c.Ms.length, c.zeros, c.R > 0, c.packed ? 1 : c.Ms.length, c.down !== undefined);
     const limit = Math.min(g.caps.maxStorageBuffersPerShaderStage, Q4_FUSED_MAX_BINDINGS);
     if (need > limit) {
@@ -122,7 +137,7 @@ describe('fused 4-bit GEMV (q/k/v in one dispatch; gate, up and SwiGLU in one; L
     const down = A ? { A: g.upload(A, [RA, c.K]), scale: scaleA, u: g.upload(rng.f32(c.N * RA), [c.N, RA]) } : null;
     expect(q4FusedUnsupported(g, segs, c.N, down !== null)).toBeNull();
     const before = g.dispatches;
-    q4FusedGemv(g, ty, tx, c.N, segs, { mode: c.mode, yStride, accumulate: c.accumulate, u: tu, R: c.R, tuning: c.tuning, down });
+    q4FusedGemv(g, ty, tx, c.N, segs, { mode: c.mode, yStride, accumulate: c.accumulate, u: tu, R: c.R, tuning: c.tuning, down, subgroups: c.subgroups });
     expect(g.dispatches - before).toBe(1);
     if (down) {
       const expectedU = matmulRef(x, A!, c.N, RA, c.K, { transB: true }).map((v) => scaleA * v);
