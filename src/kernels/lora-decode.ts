@@ -9,15 +9,17 @@
  *              y_p[n, j] += sum_r u_p[n, r] B_p[j, r]                B_p [M, R]
  *
  * One workgroup per (projection row p*R + r, group of NB input rows): its threads
- * stride over K (each A value read once for NB rows), then a workgroup tree reduction
- * per row. The scale is applied here, so the B product needs no epilogue.
+ * stride over K (each A value read once for NB rows), then a workgroup reduction per
+ * row (subgroupAdd where the device has subgroups, else a tree in workgroup memory).
+ * The scale is applied here, so the B product needs no epilogue.
  */
 import type { Gpu } from '../gpu/gpu';
 import { uniforms } from '../gpu/params';
 import type { KernelSource } from '../gpu/pipelines';
 import type { Tensor } from '../gpu/tensor';
 import { rowsForward } from './smallk';
-import { ceilDiv, kernelCache } from './wgsl';
+import { useSubgroups, workgroupSumsAtWgsl } from './subgroup';
+import { ceilDiv, enables, kernelCache } from './wgsl';
 
 /** Rows up to which decode uses these kernels (above it, the tiled matmul reuses more). */
 export const LORA_BATCHED_MAX_N = 32;
@@ -27,8 +29,16 @@ const NB = 8;
 
 const DOWN_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0: 'f32', scale1: 'f32', scale2: 'f32' });
 
-/** packed: one output u [nA, N, R] (bindings x, u, a0..); else u_p [N, R] each (x, u0, a0, u1, a1, ..). */
-const downKernel = kernelCache((nA: number, packed = false) => {
+export interface LoraDecodeOptions {
+  /** Reduce the A products with subgroupAdd (default: where the device has `subgroups`); false forces the workgroup-memory tree. */
+  subgroups?: boolean;
+}
+
+/**
+ * packed: one output u [nA, N, R] (bindings x, u, a0..); else u_p [N, R] each (x, u0,
+ * a0, u1, a1, ..). sg: the row sums through subgroupAdd.
+ */
+const downKernel = kernelCache((nA: number, packed: boolean, sg: boolean) => {
   const ps = Array.from({ length: nA }, (_, p) => p);
   const bind = packed
     ? `@group(0) @binding(2) var<storage, read_write> u: array<f32>;  // [nA, N, R]
@@ -42,15 +52,15 @@ ${ps.map((p) => `@group(0) @binding(${3 + p}) var<storage, read> a${p}: array<f3
   const store = (q: number) => (packed ? `u[(${q}u * p.N + n) * p.R + r] = p.scale${q} * v;` : `u${q}[n * p.R + r] = p.scale${q} * v;`);
   const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
   return {
-    label: `lora_down_x${nA}${packed ? ' packed' : ''}`,
-    code: /* wgsl */ `
+    label: `lora_down_x${nA}${packed ? ' packed' : ''}${sg ? ' subgroups' : ''}`,
+    code: /* wgsl */ `${enables({ subgroups: sg })}
 ${DOWN_UNIFORMS.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;         // [N, K]
 ${bind}
-var<workgroup> red: array<f32, ${NB * WG}>;
+${sg ? workgroupSumsAtWgsl(WG, NB) : `var<workgroup> red: array<f32, ${NB * WG}>;`}
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let proj = wid.x / p.R;
   let r = wid.x % p.R;
   let n0 = wid.y * ${NB}u;
@@ -61,17 +71,21 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     ${pick((q) => `a = a${q}[r * p.K + k];`)}
     for (var n = n0; n < nEnd; n++) { acc[n - n0] += x[n * p.K + k] * a; }
   }
-  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
+${
+  sg
+    ? '  let total = workgroupSumsAt(&acc, lid, sgSize);'
+    : `  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
   workgroupBarrier();
   for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) {
       for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
     }
     workgroupBarrier();
-  }
+  }`
+}
   if (lid < nEnd - n0) {
     let n = n0 + lid;
-    let v = red[lid * ${WG}u];
+    let v = ${sg ? 'total' : `red[lid * ${WG}u]`};
     ${pick(store)}
   }
 }`,
@@ -91,7 +105,7 @@ export interface LoraTerm {
  * y_p += scale_p * (x A_p^T) B_p^T for 1..3 projections sharing x [N, K], all with rank R:
  * one dispatch for the A products, one per projection for the B products.
  */
-export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly LoraTerm[]): void {
+export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly LoraTerm[], opts: LoraDecodeOptions = {}): void {
   if (terms.length === 0 || N === 0) return;
   if (terms.length > 3) throw new Error(`loraDecode: at most 3 projections share one dispatch, got ${terms.length}`);
   if (N > LORA_BATCHED_MAX_N) throw new Error(`loraDecode: serves N <= ${LORA_BATCHED_MAX_N} rows, got ${N}`);
@@ -102,17 +116,18 @@ export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: rea
     if (t.y.size < N * t.M) throw new Error(`loraDecode: y ${t.y} is smaller than [${N}, ${t.M}]`);
   }
   if (x.size < N * K) throw new Error(`loraDecode: x ${x} is smaller than [${N}, ${K}]`);
+  const sg = useSubgroups(gpu, opts.subgroups, 'loraDecode');
   const us = terms.map(() => gpu.empty([N, R], 'f32', 'lora-u'));
   const scales = [0, 1, 2].map((p) => terms[p]?.scale ?? 0);
   const params = DOWN_UNIFORMS.params({ N, K, R, scale0: scales[0]!, scale1: scales[1]!, scale2: scales[2]! });
-  gpu.dispatch(downKernel(terms.length), [x, ...terms.flatMap((t, p) => [us[p]!, t.A])], [terms.length * R, ceilDiv(N, NB)], params);
+  gpu.dispatch(downKernel(terms.length, false, sg), [x, ...terms.flatMap((t, p) => [us[p]!, t.A])], [terms.length * R, ceilDiv(N, NB)], params);
   terms.forEach((t, p) => rowsForward(gpu, t.y, us[p]!, t.B, N, R, 0, t.M, true));
   // Released last-first, so the pool hands the same buffers back in the same order next
   // step and the cached bind groups still match.
   for (const u of us.reverse()) u.release();
 }
 
-// Decode-step kernels by projection count, looked up without kernelCache's string key.
+// Decode-step kernels by projection count (+ 4 with subgroups), looked up without kernelCache's string key.
 const packedDown: KernelSource[] = [];
 const normDown: KernelSource[] = [];
 
@@ -121,7 +136,7 @@ const normDown: KernelSource[] = [];
  * of rank R, in one dispatch: the A half of LoRA for a GEMV whose epilogue adds the
  * B half (q4-fused.ts). The caller releases u.
  */
-export function loraDownProducts(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly { A: Tensor; scale: number }[]): Tensor {
+export function loraDownProducts(gpu: Gpu, x: Tensor, N: number, K: number, terms: readonly { A: Tensor; scale: number }[], opts: LoraDecodeOptions = {}): Tensor {
   if (terms.length === 0 || terms.length > 3) throw new Error(`loraDownProducts: 1..3 projections share one dispatch, got ${terms.length}`);
   if (N < 1 || N > LORA_BATCHED_MAX_N) throw new Error(`loraDownProducts: serves 1..${LORA_BATCHED_MAX_N} rows, got ${N}`);
   const R = terms[0]!.A.shape[0]!;
@@ -129,11 +144,12 @@ export function loraDownProducts(gpu: Gpu, x: Tensor, N: number, K: number, term
     if (t.A.shape[0] !== R || t.A.size !== R * K) throw new Error(`loraDownProducts: A ${t.A} is not [${R}, ${K}] (projections sharing a dispatch need one rank)`);
   }
   if (x.size < N * K) throw new Error(`loraDownProducts: x ${x} is smaller than [${N}, ${K}]`);
+  const sg = useSubgroups(gpu, opts.subgroups, 'loraDownProducts');
   const u = gpu.empty([terms.length, N, R], 'f32', 'lora-u');
   const params = DOWN_UNIFORMS.params({ N, K, R, scale0: terms[0]!.scale, scale1: terms[1]?.scale ?? 0, scale2: terms[2]?.scale ?? 0 });
   const bindings: Tensor[] = [x, u];
   for (const t of terms) bindings.push(t.A);
-  gpu.dispatch((packedDown[terms.length] ??= downKernel(terms.length, true)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
+  gpu.dispatch((packedDown[terms.length + (sg ? 4 : 0)] ??= downKernel(terms.length, true, sg)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
   return u;
 }
 

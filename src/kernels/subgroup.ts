@@ -96,3 +96,29 @@ fn laneGroupSum(v: ptr<function, array<f32, ${count}>>, lane: u32, lid: u32, sgS
   }
 }`;
 }
+
+/**
+ * WGSL for `count` sums over the whole workgroup at once, the answers spread over the
+ * first `count` invocations: `fn workgroupSumsAt(v: ptr<function, array<f32, count>>,
+ * lid, sgSize) -> f32` returns, to invocation i < count, the workgroup's sum of
+ * (*v)[i] (0 to the others). Each subgroup adds with subgroupAdd, its first lane stores
+ * the sums, invocation i adds the subgroups' sums of value i in order. Any subgroup
+ * size; contains a barrier: call in uniform control flow.
+ */
+export function workgroupSumsAtWgsl(wg: number, count: number): string {
+  const slots = Math.ceil(wg / MIN_SUBGROUP_SIZE);
+  return `
+var<workgroup> sumsPart: array<f32, ${count * slots}>;  // [${count}, ${slots}]: one sum per subgroup
+fn workgroupSumsAt(v: ptr<function, array<f32, ${count}>>, lid: u32, sgSize: u32) -> f32 {
+  for (var i = 0u; i < ${count}u; i++) {
+    let s = subgroupAdd((*v)[i]);
+    if (lid % sgSize == 0u) { sumsPart[i * ${slots}u + lid / sgSize] = s; }
+  }
+  workgroupBarrier();
+  if (lid >= ${count}u) { return 0.0; }
+  let n = (${wg}u + sgSize - 1u) / sgSize;
+  var t = sumsPart[lid * ${slots}u];
+  for (var q = 1u; q < n; q++) { t += sumsPart[lid * ${slots}u + q]; }
+  return t;
+}`;
+}
