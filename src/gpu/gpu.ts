@@ -46,6 +46,8 @@ export interface AcquireOptions {
   powerPreference?: GPUPowerPreference;
   /** Ask for shader-f16 (default true when offered). */
   f16?: boolean;
+  /** Ask for subgroups (default true when offered); false gives a device that runs the workgroup-memory fallbacks. */
+  subgroups?: boolean;
 }
 
 export class GpuError extends Error {
@@ -119,7 +121,7 @@ export async function acquireGpu(options: AcquireOptions = {}): Promise<Gpu> {
   const wantF16 = (options.f16 ?? true) && offered.has('shader-f16');
   const requiredFeatures: GPUFeatureName[] = [];
   if (wantF16) requiredFeatures.push('shader-f16');
-  if (offered.has('subgroups')) requiredFeatures.push('subgroups' as GPUFeatureName);
+  if ((options.subgroups ?? true) && offered.has('subgroups')) requiredFeatures.push('subgroups' as GPUFeatureName);
   if (offered.has('timestamp-query')) requiredFeatures.push('timestamp-query');
   const al = adapter.limits;
   const requiredLimits: Record<string, number> = {

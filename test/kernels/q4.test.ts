@@ -3,7 +3,7 @@ import { Q4_GEMV_MAX_N, q4Matmul, q4MatmulBackward, type Q4GemvTuning } from '..
 import { releaseQ4, uploadQ4 } from '../../src/kernels/q4-layout';
 import { dequantizeQ4Ref, quantizeQ4Ref } from '../../src/kernels/q4.ref';
 import { dequantizeQ4 } from '../../src/kernels/quantize';
-import { useGpu } from '../helpers/gpu';
+import { useGpu, withoutSubgroups } from '../helpers/gpu';
 import { Rng, expectClose } from '../helpers/numeric';
 import { q4MatmulBackwardRef, q4MatmulRef, randomWeights } from '../helpers/q4-fixtures';
 
@@ -129,18 +129,15 @@ describe('q4Matmul', () => {
     });
   }
 
-  it('refuses subgroup sums in plain words where the feature is missing', (ctx) => {
-    const g = gpu();
-    if (g.caps.subgroups) {
-      console.log(`skipped: adapter ${g.caps.adapterName} has subgroups (the refusal is for adapters without them)`);
-      ctx.skip();
-    }
-    const c: Case = { N: 1, M: 1, K: 32, zeros: false };
-    const W = uploadQ4(g, setup(c, 1).packed, c.M, c.K);
-    const t = g.empty([32]);
-    expect(() => q4Matmul(g, t, t, W, 1, { subgroups: true })).toThrow(/subgroups feature/);
-    t.release();
-    releaseQ4(W);
+  it('refuses subgroup sums in plain words where the feature is missing', async () => {
+    await withoutSubgroups((g) => {
+      const c: Case = { N: 1, M: 1, K: 32, zeros: false };
+      const W = uploadQ4(g, setup(c, 1).packed, c.M, c.K);
+      const t = g.empty([32]);
+      expect(() => q4Matmul(g, t, t, W, 1, { subgroups: true })).toThrow(/subgroups feature/);
+      t.release();
+      releaseQ4(W);
+    });
   });
 
   it.each(backwardCases.map((c) => [name(c), c] as const))('backward matches the f64 reference (%s)', async (_, c) => {
