@@ -6,7 +6,7 @@
  *        [--exam-every 6] [--exam-size 240] [--N 64] [--G 8] [--lr 0.005] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
  *        [--lr-schedule constant|linear|cosine] [--lr-warmup 0] [--lr-decay-iterations 24] [--lr-min-ratio 0] [--micro-batch 256] [--top-p 1] [--kl k3]
  *        [--max-answer 6] [--adv-scale group|none] [--aggregation grpo|bnpo|dr_grpo|dapo|seq_sum] [--rank 16 [--alpha 32]]
- *        [--out out/bench-learning.json]
+ *        [--sampled 32] [--out out/bench-learning.json]
  *
  * Unset flags take the micro demo preset's values (microDemoConfig; --iterations its
  * MICRO_DEMO_ITERATIONS, the length of its decay). Runs fastest on
@@ -15,7 +15,10 @@
  * Prints per seed the base and final greedy exam accuracy and the gain, then the mean
  * gain and its spread (sample standard deviation over seeds). Writes every seed's curve
  * (exam accuracy and reward per iteration) to --out, which scripts/plot-learning.mjs
- * draws. The exam never feeds training.
+ * draws. The exam never feeds training. With --sampled K it also prints, for the base
+ * model and each trained adapter, per kind of problem (digits of the operands, carry or
+ * not): greedy accuracy, the mean accuracy of K sampled answers (temperature 1) and the
+ * share of problems answered right at least once in K (pass@K).
  */
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -25,12 +28,49 @@ import { loadLlama } from '../src/model/load';
 import { openModelDir } from '../src/model/node-source';
 import { loadTokenizer } from '../src/model/tokenizer';
 import { mean, stdUnbiased } from '../src/selfplay/advantages';
-import { parseExam } from '../src/selfplay/exam';
+import { gradeExam, parseExam, type ExamProblem } from '../src/selfplay/exam';
+import { generate } from '../src/model/generate';
+import type { Gpu } from '../src/gpu/gpu';
+import type { LoadedModel } from '../src/model/load';
+import type { ChatTokenizer } from '../src/model/tokenizer';
+import type { InferenceLora } from '../src/model/infer';
+import { solverMessages } from '../src/selfplay/prompts';
 import { SelfPlayTrainer } from '../src/selfplay/trainer';
 import { parseFlags } from '../src/cli/flags';
 import { MICRO_DEMO_ITERATIONS, MICRO_DEMO_SETTINGS, microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
 
 const DIR = 'models/micro-arith';
+
+/** "1+2 carry": the operands' digit counts, smaller first, and whether the units carry. */
+function kindOf(question: string): string {
+  const [a, b] = question.match(/\d+/g)!.map(Number) as [number, number];
+  const digits = [String(a).length, String(b).length].sort().join('+');
+  return `${digits} ${(a % 10) + (b % 10) >= 10 ? 'carry' : 'no carry'}`;
+}
+
+/** Greedy accuracy, mean sampled accuracy and pass@K per kind of problem (--sampled K). */
+async function sampledReport(name: string, gpu: Gpu, model: LoadedModel, tokenizer: ChatTokenizer, lora: InferenceLora | null, exam: readonly ExamProblem[], K: number): Promise<void> {
+  const prompts = exam.map((p) => tokenizer.applyChatTemplate(solverMessages(p.question), { addGenerationPrompt: true, dateString: '22 Nov 2026' }));
+  const text = (tokens: number[]) => tokenizer.decode(tokens, { skipSpecialTokens: true }).trim();
+  const greedy = await generate(gpu, model.weights, lora, { prompt: prompts, G: 1, maxNewTokens: 6, temperature: 0, stopTokens: tokenizer.eosTokenIds });
+  const greedyRight = gradeExam(exam, greedy.answers.map((a) => text(a.tokens)));
+  const right = new Array<number>(exam.length).fill(0);
+  const sampled = await generate(gpu, model.weights, lora, { prompt: prompts, G: K, maxNewTokens: 6, temperature: 1, seed: 1000, stopTokens: tokenizer.eosTokenIds });
+  for (const a of sampled.answers) if (gradeExam([exam[a.prompt]!], [text(a.tokens)])[0]) right[a.prompt]!++;
+  const rows = new Map<string, { n: number; greedy: number; sampled: number; found: number }>();
+  exam.forEach((p, k) => {
+    const r = rows.get(kindOf(p.question)) ?? { n: 0, greedy: 0, sampled: 0, found: 0 };
+    r.n++;
+    r.greedy += greedyRight[k] ? 1 : 0;
+    r.sampled += right[k]! / K;
+    r.found += right[k]! > 0 ? 1 : 0;
+    rows.set(kindOf(p.question), r);
+  });
+  const all = [...rows.values()].reduce((t, r) => ({ n: t.n + r.n, greedy: t.greedy + r.greedy, sampled: t.sampled + r.sampled, found: t.found + r.found }));
+  const line = (r: typeof all) => `greedy ${(r.greedy / r.n).toFixed(3)}, sampled ${(r.sampled / r.n).toFixed(3)}, pass@${K} ${(r.found / r.n).toFixed(3)}`;
+  console.log(`${name}: ${line(all)}`);
+  for (const [kind, r] of [...rows].sort()) console.log(`  ${kind.padEnd(12)} (${String(r.n).padStart(3)}): ${line(r)}`);
+}
 
 async function main(): Promise<void> {
   const f = parseFlags(process.argv.slice(2));
@@ -38,6 +78,7 @@ async function main(): Promise<void> {
   const iterations = Number(f.get('iterations') ?? MICRO_DEMO_ITERATIONS);
   const examEvery = Number(f.get('exam-every') ?? MICRO_DEMO_SETTINGS.examEvery);
   const examSize = Number(f.get('exam-size') ?? 240);
+  const sampledK = f.has('sampled') ? Number(f.get('sampled')) : 0;
   const out = f.get('out') ?? 'out/bench-learning.json';
   await mkdir(dirname(out), { recursive: true });
   const exam = parseExam(JSON.parse(readFileSync(join(DIR, 'exam.json'), 'utf8'))).problems.slice(0, examSize);
@@ -45,6 +86,7 @@ async function main(): Promise<void> {
   console.log(`adapter: ${gpu.caps.adapterName}`);
   const model = await loadLlama(gpu, await openModelDir(DIR), { format: 'f32' });
   const tokenizer = await loadTokenizer(model.files);
+  if (sampledK > 0) await sampledReport('base', gpu, model, tokenizer, null, exam, sampledK);
   const runs: { seed: number; base: number; final: number; curve: { iteration: number; reward: number; examAccuracy?: number }[] }[] = [];
   for (const seed of seeds) {
     const config = microDemoConfig({
@@ -83,6 +125,7 @@ async function main(): Promise<void> {
     const final = iterations % examEvery === 0 ? curve[curve.length - 1]!.examAccuracy! : (await trainer.runExam()).accuracy;
     console.log(`seed ${seed}: base ${base.toFixed(3)} -> final ${final.toFixed(3)} (gain ${(final - base).toFixed(3)}) in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     runs.push({ seed, base, final, curve });
+    if (sampledK > 0) await sampledReport(`seed ${seed}`, gpu, model, tokenizer, trainer.lora, exam, sampledK);
     trainer.release();
     await writeFile(out, JSON.stringify({ model: DIR, examSize: exam.length, iterations, examEvery, config, runs }, null, 1) + '\n');
   }
