@@ -1,8 +1,19 @@
 import { describe, expect, it } from 'vitest';
 import { loraDecode, loraDownProducts } from '../../src/kernels/lora-decode';
 import { matmulRef } from '../../src/kernels/matmul.ref';
+import type { Gpu } from '../../src/gpu/gpu';
 import { useGpu } from '../helpers/gpu';
 import { Rng, expectClose } from '../helpers/numeric';
+
+/** One projection per width in Ms: A [R, K], B [M, R], the output's starting value [N, M], scale 0.5 + p; host copies and uploads. */
+function makeTerms(g: Gpu, rng: Rng, N: number, K: number, R: number, Ms: readonly number[]) {
+  return Ms.map((M, p) => {
+    const A = rng.f32(R * K);
+    const B = rng.f32(M * R);
+    const y0 = rng.f32(N * M);
+    return { A, B, y0, M, scale: 0.5 + p, tA: g.upload(A, [R, K]), tB: g.upload(B, [M, R]), ty: g.upload(y0, [N, M]) };
+  });
+}
 
 describe('batched LoRA decode products (A products of several projections in one dispatch)', () => {
   const gpu = useGpu();
@@ -17,12 +28,7 @@ describe('batched LoRA decode products (A products of several projections in one
     const rng = new Rng(N * 7 + K);
     const x = rng.f32(N * K);
     const tx = g.upload(x, [N, K]);
-    const terms = Ms.map((M, p) => {
-      const A = rng.f32(R * K);
-      const B = rng.f32(M * R);
-      const y0 = rng.f32(N * M);
-      return { A, B, y0, M, scale: 0.5 + p, tA: g.upload(A, [R, K]), tB: g.upload(B, [M, R]), ty: g.upload(y0, [N, M]) };
-    });
+    const terms = makeTerms(g, rng, N, K, R, Ms);
     const before = g.dispatches;
     loraDecode(g, tx, N, K, terms.map((t) => ({ A: t.tA, B: t.tB, scale: t.scale, y: t.ty, M: t.M })));
     expect(g.dispatches - before).toBe(1 + Ms.length);
@@ -53,12 +59,7 @@ describe('batched LoRA decode products (A products of several projections in one
         const rng = new Rng(N * 13 + K);
         const x = rng.f32(N * K);
         const tx = g.upload(x, [N, K]);
-        const terms = Ms.map((M, p) => {
-          const A = rng.f32(R * K);
-          const B = rng.f32(M * R);
-          const y0 = rng.f32(N * M);
-          return { A, B, y0, M, scale: 0.5 + p, tA: g.upload(A, [R, K]), tB: g.upload(B, [M, R]), ty: g.upload(y0, [N, M]) };
-        });
+        const terms = makeTerms(g, rng, N, K, R, Ms);
         loraDecode(g, tx, N, K, terms.map((t) => ({ A: t.tA, B: t.tB, scale: t.scale, y: t.ty, M: t.M })), { subgroups: sg });
         const u = loraDownProducts(g, tx, N, K, terms.map((t) => ({ A: t.tA, scale: t.scale })), { subgroups: sg });
         const uGot = await g.readF32(u);
