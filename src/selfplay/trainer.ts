@@ -519,13 +519,8 @@ export class SelfPlayTrainer {
   async runExam(opts: { adapter?: boolean } = {}): Promise<ExamResult> {
     if (!this.exam) throw new TrainerError('this run has no exam; load one (an exam.json) first');
     const { gpu, model, tokenizer } = this.models;
-    const before = this.lora.enabled;
-    this.lora.enabled = opts.adapter ?? true;
-    try {
-      return await answerExam(gpu, model.weights, this.lora, tokenizer, this.exam, { maxTokens: this.config.maxAnswerTokens });
-    } finally {
-      this.lora.enabled = before;
-    }
+    // The base model is the weights with no adapter (null), as in evaluate().
+    return answerExam(gpu, model.weights, opts.adapter === false ? null : this.lora, tokenizer, this.exam, { maxTokens: this.config.maxAnswerTokens });
   }
 
   /** The reward model's score of each (query, answer) conversation, in micro-batches. */
