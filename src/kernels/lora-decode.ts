@@ -34,6 +34,20 @@ export interface LoraDecodeOptions {
   subgroups?: boolean;
 }
 
+/** WGSL: the NB sums of v[0..NB) over the workgroup through a tree in `red` ([NB, WG]); `name` holds the total of v[i] for invocation i < NB. */
+function treeSumsWgsl(name: string, v: string): string {
+  return `
+  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = ${v}[i]; }
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
+    }
+    workgroupBarrier();
+  }
+  let ${name} = red[min(lid, ${NB - 1}u) * ${WG}u];`;
+}
+
 /**
  * packed: one output u [nA, N, R] (bindings x, u, a0..); else u_p [N, R] each (x, u0,
  * a0, u1, a1, ..). sg: the row sums through subgroupAdd.
@@ -71,21 +85,10 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
     ${pick((q) => `a = a${q}[r * p.K + k];`)}
     for (var n = n0; n < nEnd; n++) { acc[n - n0] += x[n * p.K + k] * a; }
   }
-${
-  sg
-    ? '  let total = workgroupSumsAt(&acc, lid, sgSize);'
-    : `  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
-  workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-      for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
-    }
-    workgroupBarrier();
-  }`
-}
+${sg ? '  let total = workgroupSumsAt(&acc, lid, sgSize);' : treeSumsWgsl('total', 'acc')}
   if (lid < nEnd - n0) {
     let n = n0 + lid;
-    let v = ${sg ? 'total' : `red[lid * ${WG}u]`};
+    let v = total;
     ${pick(store)}
   }
 }`,
@@ -127,7 +130,7 @@ export function loraDecode(gpu: Gpu, x: Tensor, N: number, K: number, terms: rea
   for (const u of us.reverse()) u.release();
 }
 
-// Decode-step kernels by projection count (+ 4 with subgroups), looked up without kernelCache's string key.
+// Decode-step kernels by projection count (packedDown: + 4 with subgroups; normDown: + 4 with a pending B product, + 8 with subgroups), looked up without kernelCache's string key.
 const packedDown: KernelSource[] = [];
 const normDown: KernelSource[] = [];
 
@@ -162,19 +165,12 @@ const NORM_UNIFORMS = uniforms('Params', { N: 'u32', K: 'u32', R: 'u32', scale0:
  * for the projection GEMV that follows. `pending`: the input is x + pu pb^T, a LoRA B
  * product not yet added to the residual stream x (added on the fly, x is not written).
  */
-const normDownKernel = kernelCache((nA: number, pending = false) => {
+const normDownKernel = kernelCache((nA: number, pending: boolean, sg: boolean) => {
   const ps = Array.from({ length: nA }, (_, p) => p);
   const pick = (body: (p: number) => string) => ps.map((p) => `${p > 0 ? ' else ' : ''}if (proj == ${p}u) { ${body(p)} }`).join('');
-  const reduce = `workgroupBarrier();
-  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) {
-      for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] += red[i * ${WG}u + lid + s]; }
-    }
-    workgroupBarrier();
-  }`;
   return {
-    label: `lora_norm_down_x${nA}${pending ? ' pending' : ''}`,
-    code: /* wgsl */ `
+    label: `lora_norm_down_x${nA}${pending ? ' pending' : ''}${sg ? ' subgroups' : ''}`,
+    code: /* wgsl */ `${enables({ subgroups: sg })}
 ${NORM_UNIFORMS.wgsl}
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;          // [N, K] (before the norm)
@@ -193,10 +189,10 @@ fn xin(n: u32, k: u32) -> f32 {
 }`
     : 'fn xin(n: u32, k: u32) -> f32 { return x[n * p.K + k]; }'
 }
-var<workgroup> red: array<f32, ${NB * WG}>;
+${sg ? workgroupSumsAtWgsl(WG, NB) : `var<workgroup> red: array<f32, ${NB * WG}>;`}
 var<workgroup> rs: array<f32, ${NB}>;
 @compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32${sg ? ', @builtin(subgroup_size) sgSize: u32' : ''}) {
   let proj = wid.x / p.R;
   let r = wid.x % p.R;
   let n0 = wid.y * ${NB}u;
@@ -205,9 +201,8 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
   for (var k = lid; k < p.K; k += ${WG}u) {
     for (var n = n0; n < nEnd; n++) { let v = xin(n, k); ss[n - n0] += v * v; }
   }
-  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = ss[i]; }
-  ${reduce}
-  if (lid < ${NB}u) { rs[lid] = inverseSqrt(red[lid * ${WG}u] / f32(p.K) + p.eps); }
+${sg ? '  let sumSq = workgroupSumsAt(&ss, lid, sgSize);' : treeSumsWgsl('sumSq', 'ss')}
+  if (lid < ${NB}u) { rs[lid] = inverseSqrt(sumSq / f32(p.K) + p.eps); }
   workgroupBarrier();
   let store = wid.x == 0u;
   var acc: array<f32, ${NB}>;
@@ -221,11 +216,10 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid:
       acc[n - n0] += hv * a;
     }
   }
-  for (var i = 0u; i < ${NB}u; i++) { red[i * ${WG}u + lid] = acc[i]; }
-  ${reduce}
+${sg ? '  let total = workgroupSumsAt(&acc, lid, sgSize);' : treeSumsWgsl('total', 'acc')}
   if (lid < nEnd - n0) {
     let n = n0 + lid;
-    let v = red[lid * ${WG}u];
+    let v = total;
     ${pick((q) => `u[(${q}u * p.N + n) * p.R + r] = p.scale${q} * v;`)}
   }
 }`,
@@ -259,6 +253,7 @@ export function loraNormDownProducts(
   K: number,
   terms: readonly { A: Tensor; scale: number }[],
   pending: PendingLora | null = null,
+  opts: LoraDecodeOptions = {},
 ): Tensor {
   if (terms.length === 0 || terms.length > 3) throw new Error(`loraNormDownProducts: 1..3 projections share one dispatch, got ${terms.length}`);
   if (N < 1 || N > LORA_BATCHED_MAX_N) throw new Error(`loraNormDownProducts: serves 1..${LORA_BATCHED_MAX_N} rows, got ${N}`);
@@ -271,12 +266,13 @@ export function loraNormDownProducts(
   if (pending && (pending.u.size < N * R || pending.B.size !== K * R)) {
     throw new Error(`loraNormDownProducts: pending u ${pending.u} / B ${pending.B} are not [${N}, ${R}] / [${K}, ${R}] (one rank for all projections)`);
   }
+  const sg = useSubgroups(gpu, opts.subgroups, 'loraNormDownProducts');
   const u = gpu.empty([terms.length, N, R], 'f32', 'lora-u');
   const params = NORM_UNIFORMS.params({ N, K, R, scale0: terms[0]!.scale, scale1: terms[1]?.scale ?? 0, scale2: terms[2]?.scale ?? 0, eps });
   const bindings: Tensor[] = [x, normW, h, u];
   for (const t of terms) bindings.push(t.A);
   if (pending) bindings.push(pending.u, pending.B);
-  const slot = terms.length + (pending ? 4 : 0);
-  gpu.dispatch((normDown[slot] ??= normDownKernel(terms.length, pending !== null)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
+  const slot = terms.length + (pending ? 4 : 0) + (sg ? 8 : 0);
+  gpu.dispatch((normDown[slot] ??= normDownKernel(terms.length, pending !== null, sg)), bindings, [terms.length * R, ceilDiv(N, NB)], params);
   return u;
 }

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { loraDecode, loraDownProducts } from '../../src/kernels/lora-decode';
+import { loraDecode, loraDownProducts, loraNormDownProducts } from '../../src/kernels/lora-decode';
+import { rmsnormRef } from '../../src/kernels/rmsnorm.ref';
 import { matmulRef } from '../../src/kernels/matmul.ref';
 import type { Gpu } from '../../src/gpu/gpu';
 import { useGpu } from '../helpers/gpu';
@@ -74,6 +75,55 @@ describe('batched LoRA decode products (A products of several projections in one
         }
         u.release();
         tx.release();
+      }
+    });
+  }
+
+  // The norm fused with the A products: K below, at and above the 64-thread workgroup,
+  // rows past a group of 8, with and without a pending B product folded into the input.
+  for (const sg of [true, false]) {
+    it(`RMSNorm + A products (${sg ? 'subgroupAdd' : 'the workgroup-memory tree'}) match f64: h and u, with and without a pending B product`, async (ctx) => {
+      const g = gpu();
+      console.log(`adapter: ${g.caps.adapterName} (subgroups ${g.caps.subgroups ? 'yes' : 'no'})`);
+      if (sg && !g.caps.subgroups) {
+        console.log(`skipped: adapter ${g.caps.adapterName} lacks subgroups`);
+        ctx.skip();
+      }
+      const eps = 1e-5;
+      for (const [N, K, R, nA, withPending] of [
+        [1, 48, 4, 3, false],
+        [3, 7, 3, 2, true],
+        [11, 65, 5, 1, false],
+        [9, 131, 2, 3, true],
+      ] as const) {
+        const rng = new Rng(N * 31 + K + nA);
+        const x = rng.f32(N * K);
+        const nw = rng.f32(K, 0.5).map((v) => 1 + v);
+        const As = Array.from({ length: nA }, () => rng.f32(R * K));
+        const scales = As.map((_, p) => 0.5 + p);
+        const pu = rng.f32(N * R);
+        const pb = rng.f32(K * R);
+        // x' = x (+ pu pb^T), in f64
+        const xin = Float64Array.from(x);
+        if (withPending) {
+          const add = matmulRef(pu, pb, N, K, R, { transB: true });
+          for (let i = 0; i < N * K; i++) xin[i]! += add[i]!;
+        }
+        const hRef = rmsnormRef(xin, nw, N, K, eps).out;
+        const tx = g.upload(x, [N, K]);
+        const tw = g.upload(nw, [K]);
+        const th = g.empty([N, K]);
+        const tAs = As.map((A) => g.upload(A, [R, K]));
+        const pending = withPending ? { u: g.upload(pu, [N, R]), B: g.upload(pb, [K, R]) } : null;
+        const u = loraNormDownProducts(g, th, tx, tw, eps, N, K, tAs.map((A, p) => ({ A, scale: scales[p]! })), pending, { subgroups: sg });
+        const label = `N=${N} K=${K} R=${R} nA=${nA}${withPending ? ' pending' : ''}`;
+        expectClose(await g.readF32(th), hRef, { atol: 1e-5, rtol: 1e-4, label: `${label} h` });
+        const uGot = await g.readF32(u);
+        As.forEach((A, p) => {
+          const uRef = matmulRef(hRef, A, N, R, K, { transB: true }).map((v) => scales[p]! * v);
+          expectClose(uGot.subarray(p * N * R, (p + 1) * N * R), uRef, { atol: 1e-4, rtol: 1e-4, label: `${label} u${p}` });
+        });
+        for (const t of [tx, tw, th, u, ...tAs, ...(pending ? [pending.u, pending.B] : [])]) t.release();
       }
     });
   }
