@@ -40,7 +40,7 @@ import type { KernelSource } from '../gpu/pipelines';
 import type { Tensor } from '../gpu/tensor';
 import { Q4_GEMV_MAX_N, q4GemvTuningFor, type Q4GemvTuning } from './q4';
 import type { Q4Weight } from './q4-layout';
-import { MIN_SUBGROUP_SIZE, laneGroupSumWgsl, useSubgroups } from './subgroup';
+import { laneGroupSumWgsl, useSubgroups, workgroupSumsAtWgsl } from './subgroup';
 import { MAX_WORKGROUPS_PER_DIM, ceilDiv, enables, kernelCache } from './wgsl';
 
 /** Rows served by one fused dispatch (chunks of up to Q4_GEMV_MAX_N along the grid's y). */
@@ -192,19 +192,10 @@ fn lora${s}(n: u32, row: u32) -> f32 {
   const aLoad = aligned
     ? (k: string) => `vec4f(la[${k}], la[${k} + 1u], la[${k} + 2u], la[${k} + 3u])`
     : (k: string) => `vec4f(${[0, 1, 2, 3].map((i) => `select(0.0, la[min(${k} + ${i}u, ab + p.K - 1u)], k + ${i}u < p.K)`).join(', ')})`;
-  // Subgroups: subgroupAdd, each subgroup's first lane stores its sums, lid n < NC adds
-  // the subgroups' sums of input row n in order.
-  const slots = Math.ceil(WG / MIN_SUBGROUP_SIZE);
-  const downSubgroupSum = `${ns.map((n) => `  let t${n} = subgroupAdd(d${n});`).join('\n')}
-  if (lid % sgSize == 0u) {
-${ns.map((n) => `    downPart[${n * slots}u + lid / sgSize] = t${n};`).join('\n')}
-  }
-  workgroupBarrier();
-  if (lid < ${NC}u && n0 + lid < p.N) {
-    var t = downPart[lid * ${slots}u];
-    for (var q = 1u; q < (WG + sgSize - 1u) / sgSize; q++) { t += downPart[lid * ${slots}u + q]; }
-    ua[(n0 + lid) * p.RA + r] = p.scaleA * t;
-  }`;
+  // Subgroups: workgroupSumsAt (subgroupAdd, then the subgroups' sums in order) hands lid n < NC the total of input row n.
+  const downSubgroupSum = `  var d = array<f32, ${NC}>(${ns.map((n) => `d${n}`).join(', ')});
+  let t = workgroupSumsAt(&d, lid, sgSize);
+  if (lid < ${NC}u && n0 + lid < p.N) { ua[(n0 + lid) * p.RA + r] = p.scaleA * t; }`;
   const downTreeSum = `${ns.map((n) => `  red[${n}u * WG + lid] = d${n};`).join('\n')}
   workgroupBarrier();
   for (var s = ${Math.floor(P2 / 2)}u; s > 0u; s >>= 1u) {
@@ -298,7 +289,7 @@ const WG = ${WG}u;
 const RN = ${RN}u;
 ${
   sg
-    ? `${laneGroupSumWgsl(WG, lanes, RN, nOut)}${down ? `\nvar<workgroup> downPart: array<f32, ${NC * slots}>;  // [NC, ${slots}]: one sum per subgroup` : ''}`
+    ? `${laneGroupSumWgsl(WG, lanes, RN, nOut)}${down ? workgroupSumsAtWgsl(WG, NC) : ''}`
     : `var<workgroup> red: array<f32, ${nOut * RN * WG}>;  // [nOut * RN, WG]`
 }
 // 2^23 + nibbles 0-3 and 4-7 of one word (see q4.ts: no int-to-float conversion).
