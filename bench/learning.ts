@@ -6,7 +6,7 @@
  *        [--exam-every 6] [--exam-size 240] [--N 64] [--G 8] [--lr 0.005] [--alpha-ch 0] [--beta 0.05] [--temperature 1]
  *        [--lr-schedule constant|linear|cosine] [--lr-warmup 0] [--lr-decay-iterations 24] [--lr-min-ratio 0] [--micro-batch 256] [--top-p 1] [--kl k3]
  *        [--max-answer 6] [--adv-scale group|none] [--aggregation grpo|bnpo|dr_grpo|dapo|seq_sum] [--rank 16 [--alpha 32]]
- *        [--sampled 32] [--out out/bench-learning.json]
+ *        [--sampled 32] [--model models/micro-arith] [--out out/bench-learning.json]
  *
  * Unset flags take the micro demo preset's values (microDemoConfig; --iterations its
  * MICRO_DEMO_ITERATIONS, the length of its decay). Runs fastest on
@@ -39,7 +39,6 @@ import { SelfPlayTrainer } from '../src/selfplay/trainer';
 import { parseFlags } from '../src/cli/flags';
 import { MICRO_DEMO_ITERATIONS, MICRO_DEMO_SETTINGS, microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
 
-const DIR = 'models/micro-arith';
 
 /** "1+2 carry": the operands' digit counts, smaller first, and whether the units carry. */
 function kindOf(question: string): string {
@@ -77,6 +76,7 @@ async function main(): Promise<void> {
   const seeds = (f.get('seeds') ?? '0,1,2,3,4').split(',').map(Number);
   const iterations = Number(f.get('iterations') ?? MICRO_DEMO_ITERATIONS);
   const examEvery = Number(f.get('exam-every') ?? MICRO_DEMO_SETTINGS.examEvery);
+  const DIR = f.get('model') ?? 'models/micro-arith';
   const examSize = Number(f.get('exam-size') ?? 240);
   const sampledK = f.has('sampled') ? Number(f.get('sampled')) : 0;
   const out = f.get('out') ?? 'out/bench-learning.json';
