@@ -39,7 +39,6 @@ import { SelfPlayTrainer } from '../src/selfplay/trainer';
 import { parseFlags } from '../src/cli/flags';
 import { MICRO_DEMO_ITERATIONS, MICRO_DEMO_SETTINGS, microDemoConfig, type TrainerConfig } from '../src/selfplay/config';
 
-
 /** "1+2 carry": the operands' digit counts, smaller first, and whether the units carry. */
 function kindOf(question: string): string {
   const [a, b] = question.match(/\d+/g)!.map(Number) as [number, number];
@@ -76,15 +75,15 @@ async function main(): Promise<void> {
   const seeds = (f.get('seeds') ?? '0,1,2,3,4').split(',').map(Number);
   const iterations = Number(f.get('iterations') ?? MICRO_DEMO_ITERATIONS);
   const examEvery = Number(f.get('exam-every') ?? MICRO_DEMO_SETTINGS.examEvery);
-  const DIR = f.get('model') ?? 'models/micro-arith';
+  const modelDir = f.get('model') ?? 'models/micro-arith';
   const examSize = Number(f.get('exam-size') ?? 240);
   const sampledK = f.has('sampled') ? Number(f.get('sampled')) : 0;
   const out = f.get('out') ?? 'out/bench-learning.json';
   await mkdir(dirname(out), { recursive: true });
-  const exam = parseExam(JSON.parse(readFileSync(join(DIR, 'exam.json'), 'utf8'))).problems.slice(0, examSize);
+  const exam = parseExam(JSON.parse(readFileSync(join(modelDir, 'exam.json'), 'utf8'))).problems.slice(0, examSize);
   const gpu = await acquireNodeGpu();
   console.log(`adapter: ${gpu.caps.adapterName}`);
-  const model = await loadLlama(gpu, await openModelDir(DIR), { format: 'f32' });
+  const model = await loadLlama(gpu, await openModelDir(modelDir), { format: 'f32' });
   const tokenizer = await loadTokenizer(model.files);
   if (sampledK > 0) await sampledReport('base', gpu, model, tokenizer, null, exam, sampledK);
   const runs: { seed: number; base: number; final: number; curve: { iteration: number; reward: number; examAccuracy?: number }[] }[] = [];
@@ -119,7 +118,7 @@ async function main(): Promise<void> {
       const m = await trainer.step();
       curve.push({ iteration: m.iteration + 1, reward: m.values.reward!, examAccuracy: m.values['eval/exam_accuracy'] });
       const e = m.values['eval/exam_accuracy'];
-      await writeFile(out, JSON.stringify({ model: DIR, examSize: exam.length, iterations, examEvery, config, runs: [...runs, { seed, base, final: NaN, curve }] }, null, 1) + '\n');
+      await writeFile(out, JSON.stringify({ model: modelDir, examSize: exam.length, iterations, examEvery, config, runs: [...runs, { seed, base, final: NaN, curve }] }, null, 1) + '\n');
       console.log(`seed ${seed} iteration ${m.iteration}: reward ${m.values.reward!.toFixed(3)}, invalid ${m.values['challenger/invalid_ratio']!.toFixed(3)}` + (e !== undefined ? `, exam ${e.toFixed(3)}` : '') + `, kl ${m.values.kl!.toFixed(4)}, gen ${m.values['time/generate']!.toFixed(1)} s, train ${m.values['time/train']!.toFixed(1)} s, ${m.values.step_time!.toFixed(1)} s`);
     }
     const final = iterations % examEvery === 0 ? curve[curve.length - 1]!.examAccuracy! : (await trainer.runExam()).accuracy;
@@ -127,7 +126,7 @@ async function main(): Promise<void> {
     runs.push({ seed, base, final, curve });
     if (sampledK > 0) await sampledReport(`seed ${seed}`, gpu, model, tokenizer, trainer.lora, exam, sampledK);
     trainer.release();
-    await writeFile(out, JSON.stringify({ model: DIR, examSize: exam.length, iterations, examEvery, config, runs }, null, 1) + '\n');
+    await writeFile(out, JSON.stringify({ model: modelDir, examSize: exam.length, iterations, examEvery, config, runs }, null, 1) + '\n');
   }
   const gains = runs.map((r) => r.final - r.base);
   console.log('seed  base   final  gain');
